@@ -1,0 +1,319 @@
+"""The streaming merge engine: plan, statistics passes, then one tensor at a time.
+
+Peak extra memory is about (T + 2) float32 copies of the largest tensor (base, T expert tensors,
+the result), never T copies of the model. The next tensor is read on a background thread while
+the current one is merged. Every check that can fail on the inputs' *layout* (missing files,
+names, shapes, hyperparameters, weights) runs in :func:`build_plan`, before any output exists;
+NaN/Inf in a tensor's values is found when that tensor is read, and targets discard their partial
+output then (see :mod:`lightning_merge.targets`).
+
+Randomness is per (seed, tensor name, expert), so the result of a tensor does not depend on the
+order of tensors, on which subset of names a worker runs (``names=``) or on the worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, IncompatibleTensorError
+from .methods.base import MergeMethod, TensorInputs, check_weights
+from .sources.base import Source, align
+
+log = logging.getLogger(__name__)
+
+VocabPolicy = Literal["truncate", "error"]
+TensorParams = Callable[[str], dict[str, Any]]
+EMBEDDING_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight", "shared.weight")
+
+
+@dataclass
+class TensorTask:
+    """What to do for one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    #: expert index -> key in that expert's (aligned) source
+    experts: list[int]
+    #: "merge", or "copy" (non-float or taken unchanged from ``copy_source``)
+    action: Literal["merge", "copy"] = "merge"
+    copy_source: int | None = None  # None: the base; i: expert i
+    #: expert index -> rows/cols to keep (vocabulary truncation)
+    truncate: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    base: Source | None
+    experts: list[Source]
+    method: MergeMethod
+    weights: list[float]
+    tasks: list[TensorTask]
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tensor_params: TensorParams | None = None
+    check_finite: bool = True
+    stats: Any = None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TensorTask:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _is_embedding(name: str) -> bool:
+    return any(h in name for h in EMBEDDING_HINTS)
+
+
+def build_plan(
+    base: Source | None,
+    experts: Sequence[Source],
+    method: MergeMethod,
+    *,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    out_dtype: torch.dtype | None = None,
+    vocab_policy: VocabPolicy = "truncate",
+    strict: bool = False,
+    tensor_params: TensorParams | None = None,
+    check_finite: bool = True,
+) -> MergePlan:
+    """Validate the inputs against each other and decide what happens to every tensor.
+
+    Raises :class:`ConfigError` / :class:`SourceError` / :class:`IncompatibleTensorError` naming the
+    file, tensor or parameter at fault. Reads only names, shapes and dtypes, never tensor data.
+    """
+    if not experts:
+        raise ConfigError("no experts given: pass at least one fine-tuned model or adapter")
+    n = len(experts)
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise ConfigError(f"weights has {len(weights)} values for {n} experts; give one weight per expert")
+    check_weights(method.name, weights, allow_negative=method.allow_negative_weights)
+    method.check_experts(n)
+    if vocab_policy not in ("truncate", "error"):
+        raise ConfigError(f"vocab_policy '{vocab_policy}' is not one of ['truncate', 'error']")
+    if base is None:
+        if method.requires_base:
+            raise ConfigError(f"merge method '{method.name}' needs a base model; pass base=...")
+        if any(e.kind == "delta" for e in experts):
+            bad = [e.label for e in experts if e.kind == "delta"]
+            raise ConfigError(f"adapters {bad} hold deltas only; pass the base model they were trained on")
+
+    ref_keys = base.keys() if base is not None else experts[0].keys()
+    aligned = [align(e, ref_keys) for e in experts]
+    if base is not None:
+        for e in aligned:
+            e.validate_against(base)
+
+    expert_keys = [set(e.keys()) for e in aligned]
+    base_keys = set(base.keys()) if base is not None else set()
+    names: list[str] = list(ref_keys)
+    seen = set(names)
+    for i, e in enumerate(aligned):
+        extra = [k for k in e.keys() if k not in seen]
+        if extra and base is not None:
+            if strict:
+                raise IncompatibleTensorError(
+                    f"{e.label}: has tensors the base lacks, e.g. {extra[:3]}; "
+                    "use strict=False to copy them from the first model that has them"
+                )
+            log.warning("%s: %d tensors missing from the base (e.g. %s) are copied unchanged",
+                        e.label, len(extra), extra[:3])
+        names.extend(extra)
+        seen.update(extra)
+
+    tasks: list[TensorTask] = []
+    for name in names:
+        in_base = name in base_keys
+        present = [i for i in range(n) if name in expert_keys[i]]
+        ref_src = base if in_base else aligned[present[0]]
+        shape = tuple(ref_src.shape(name))
+        dtype = ref_src.dtype(name)
+        task = TensorTask(name, shape, out_dtype if (out_dtype and dtype.is_floating_point) else dtype, [])
+        if not in_base and base is not None:
+            task.action, task.copy_source = "copy", present[0]
+            tasks.append(task)
+            continue
+        if not dtype.is_floating_point:
+            task.action = "copy"
+            tasks.append(task)
+            continue
+        for i in present:
+            eshape = tuple(aligned[i].shape(name))
+            if eshape != shape:
+                if (
+                    vocab_policy == "truncate" and _is_embedding(name) and len(eshape) == len(shape)
+                    and all(a >= b for a, b in zip(eshape, shape))
+                ):
+                    task.truncate[i] = shape
+                    log.info("%s: '%s' %s truncated to the base's %s (vocab_policy='truncate')",
+                             aligned[i].label, name, eshape, shape)
+                else:
+                    raise IncompatibleTensorError(
+                        f"{aligned[i].label}: tensor '{name}' has shape {list(eshape)} but the base has "
+                        f"{list(shape)}; experts must share the base's architecture"
+                        + (" (for a resized vocabulary use vocab_policy='truncate')" if _is_embedding(name) else "")
+                    )
+            task.experts.append(i)
+        missing = [i for i in range(n) if i not in present]
+        if missing and base is not None:
+            log.debug("'%s' is absent from experts %s: they are left out of this tensor", name, missing)
+        tasks.append(task)
+
+    return MergePlan(
+        base=base, experts=aligned, method=method, weights=weights, tasks=tasks, seed=seed,
+        device=torch.device(device), tensor_params=tensor_params, check_finite=check_finite,
+    )
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _checked(t: Tensor, src: Source, name: str, check: bool) -> Tensor:
+    if check and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise IncompatibleTensorError(
+            f"{src.label}: tensor '{name}' contains {bad} NaN/Inf values; fix or drop that checkpoint"
+        )
+    return t
+
+
+def method_for(plan: MergePlan, name: str) -> tuple[MergeMethod, list[float]]:
+    """The method and weights for one tensor, after per-tensor overrides."""
+    if plan.tensor_params is None:
+        return plan.method, plan.weights
+    params = dict(plan.tensor_params(name) or {})
+    weights = [float(w) for w in params.pop("weights", plan.weights)]
+    return (plan.method.with_params(**params) if params else plan.method), weights
+
+
+def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
+    """Read one tensor from the base and every expert that has it, as the method's space wants."""
+    method, weights = method_for(plan, task.name)
+    dev = plan.device
+    base_t = None
+    if plan.base is not None:
+        base_t = _checked(plan.base.get(task.name), plan.base, task.name, plan.check_finite)
+        base_t = base_t.to(dev, torch.float32)
+    tensors: list[Tensor] = []
+    for i in task.experts:
+        src = plan.experts[i]
+        t = _checked(src.get(task.name), src, task.name, plan.check_finite)
+        if i in task.truncate:
+            t = t[tuple(slice(0, s) for s in task.truncate[i])]
+        t = t.to(dev, torch.float32)
+        if method.space == "delta" and src.kind == "full":
+            t = t - base_t
+        elif method.space == "weight" and src.kind == "delta":
+            t = base_t + t
+        tensors.append(t)
+    return TensorInputs(
+        name=task.name, base=base_t, tensors=tensors, experts=list(task.experts),
+        weights=[weights[i] for i in task.experts], seed=plan.seed, n_experts=len(plan.experts),
+        stats=plan.stats,
+    )
+
+
+def _copy(plan: MergePlan, task: TensorTask) -> Tensor:
+    src = plan.base if task.copy_source is None else plan.experts[task.copy_source]
+    return src.get(task.name).to("cpu").clone().to(task.out_dtype)
+
+
+# ----------------------------------------------------------------------------------------- running
+
+Gather = Callable[[Any], list[Any]]
+
+
+def compute_statistics(plan: MergePlan, names: Sequence[str] | None = None, gather: Gather | None = None) -> Any:
+    """Run the method's statistics passes over ``names`` (default all) and store them in the plan.
+
+    ``gather`` (distributed use) receives this worker's statistics and returns every worker's.
+    """
+    method = plan.method
+    if method.statistics_passes <= 0:
+        return None
+    wanted = set(plan.names if names is None else names)
+    stats = method.init_statistics()
+    for p in range(method.statistics_passes):
+        for task in plan.tasks:
+            if task.action == "merge" and task.name in wanted and task.experts:
+                method.observe(stats, p, load_inputs(plan, task))
+        if gather is not None:
+            stats = method.combine_statistics(gather(stats), p)
+        stats = method.finish_pass(stats, p)
+    plan.stats = stats
+    return stats
+
+
+def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = None) -> Tensor:
+    """Merge (or copy) one tensor; returns it on CPU in the output dtype."""
+    if task.action == "copy":
+        return _copy(plan, task)
+    if inputs is None:
+        inputs = load_inputs(plan, task)
+    method, _ = method_for(plan, task.name)
+    out = method.merge(inputs)
+    if not bool(torch.isfinite(out).all()):
+        raise IncompatibleTensorError(
+            f"merged tensor '{task.name}' is not finite with method {method.describe()}; "
+            "check the hyperparameters (e.g. a zero weight sum)"
+        )
+    return out.to(task.out_dtype).to("cpu")
+
+
+def run_plan(
+    plan: MergePlan,
+    names: Sequence[str] | None = None,
+    *,
+    progress: bool | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, merged tensor)`` for ``names`` (default: all), reading ahead one tensor.
+
+    Statistics passes run first when the method has them and they were not computed yet.
+    ``progress=None`` shows a bar only on an interactive terminal for merges of over 1e8 values.
+    """
+    if plan.method.statistics_passes > 0 and plan.stats is None:
+        compute_statistics(plan)
+    wanted = None if names is None else set(names)
+    tasks = [t for t in plan.tasks if wanted is None or t.name in wanted]
+    total = sum(t.numel for t in tasks)
+    bar = None
+    if progress or (progress is None and total > 1e8):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc=f"merge {plan.method.name}", unit="tensor",
+                   disable=None if progress is None else not progress)
+
+    def prefetch(task: TensorTask) -> TensorInputs | None:
+        return None if task.action == "copy" else load_inputs(plan, task)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
+        future = pool.submit(prefetch, tasks[0]) if tasks else None
+        for k, task in enumerate(tasks):
+            inputs = future.result()  # type: ignore[union-attr]
+            future = pool.submit(prefetch, tasks[k + 1]) if k + 1 < len(tasks) else None
+            yield task.name, merge_task(plan, task, inputs)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()

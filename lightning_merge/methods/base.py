@@ -1,0 +1,271 @@
+"""The merge-method interface, the registry and hyperparameter validation.
+
+A method is a frozen dataclass of validated hyperparameters plus a pure ``merge`` function over one
+tensor name at a time (:class:`TensorInputs` -> merged float32 tensor). Adding a method means one
+file in ``lightning_merge/methods/`` with a class decorated by :func:`register`, and one test file.
+
+Spaces. A method declares ``space``:
+
+* ``"delta"``: ``TensorInputs.tensors`` are task vectors δ_t = θ_t − θ₀ (float32). LoRA adapters
+  arrive here exactly as ``scaling · B @ A`` with no base round trip.
+* ``"weight"``: ``tensors`` are full weights θ_t (soups, SLERP, model stock).
+
+Statistics passes. Methods that need whole-model statistics (adaptive-RMS, DPPA, global TIES) set
+``statistics_passes > 0``. The engine then calls ``init_statistics()`` once, ``observe(stats, k,
+inputs)`` for every tensor in pass k, ``finish_pass(stats, k)`` after each pass, and finally
+``merge(inputs)`` with ``inputs.stats`` set to the returned object. ``observe`` must be
+order-independent (it may run on several ranks, each on a share of the tensors, whose statistics
+are then combined by ``combine_statistics``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .kernels import generator_for
+
+Space = Literal["delta", "weight"]
+PerExpert = float | list[float]
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one tensor name.
+
+    Attributes:
+        name: the tensor's key in the base model's naming.
+        base: θ₀ in float32 on the compute device, or None when the method needs no base and none
+            was given.
+        tensors: one float32 tensor per expert that has this tensor (deltas or full weights,
+            according to the method's ``space``); experts lacking it are left out (spec §9.2).
+        experts: the global index of each entry of ``tensors`` (for seeding and per-expert values).
+        weights: the per-expert weight w_t of each entry of ``tensors``.
+        seed: the global seed.
+        n_experts: the total number of experts in the merge.
+        stats: the object returned by the statistics passes, or None.
+    """
+
+    name: str
+    base: Tensor | None
+    tensors: list[Tensor]
+    experts: list[int]
+    weights: list[float]
+    seed: int = 0
+    n_experts: int = 0
+    stats: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.n_experts:
+            self.n_experts = (max(self.experts) + 1) if self.experts else 0
+
+    @property
+    def device(self) -> torch.device:
+        ref = self.base if self.base is not None else self.tensors[0]
+        return ref.device
+
+    def generator(self, i: int) -> torch.Generator:
+        """The generator of entry ``i`` (expert ``experts[i]``) for this tensor."""
+        return generator_for(self.seed, self.name, self.experts[i], self.device)
+
+    def per_expert(self, value: PerExpert, i: int) -> float:
+        """Resolve a scalar-or-list hyperparameter for entry ``i``."""
+        if isinstance(value, (list, tuple)):
+            return float(value[self.experts[i]])
+        return float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod:
+    """Base class of every merge method (a frozen dataclass of hyperparameters)."""
+
+    name: ClassVar[str] = ""
+    space: ClassVar[Space] = "delta"
+    requires_base: ClassVar[bool] = True
+    #: False for methods whose sign election or probabilities assume non-negative weights
+    allow_negative_weights: ClassVar[bool] = True
+    statistics_passes: ClassVar[int] = 0
+    #: hyperparameters that may be a list with one value per expert
+    per_expert_params: ClassVar[tuple[str, ...]] = ()
+
+    def merge(self, inputs: TensorInputs) -> Tensor:
+        """Return the merged full tensor (float32, on ``inputs.device``)."""
+        raise NotImplementedError
+
+    # statistics protocol (methods with statistics_passes > 0 override these)
+    def init_statistics(self) -> Any:
+        return None
+
+    def observe(self, stats: Any, pass_index: int, inputs: TensorInputs) -> None:
+        return None
+
+    def finish_pass(self, stats: Any, pass_index: int) -> Any:
+        return stats
+
+    def combine_statistics(self, parts: list[Any], pass_index: int) -> Any:
+        """Combine what several workers observed in pass ``pass_index`` (each on a share of the
+        tensors, each starting from the same state) into one state. Default: dict union of the
+        per-tensor entries, which suits statistics keyed by tensor name."""
+        out: dict = {}
+        for p in parts:
+            out.update(p or {})
+        return out
+
+    def check_experts(self, n_experts: int) -> None:
+        """Validate per-expert list lengths against the number of experts (before any output)."""
+        for pname in self.per_expert_params:
+            value = getattr(self, pname)
+            if isinstance(value, (list, tuple)) and len(value) != n_experts:
+                raise ConfigError(
+                    f"{self.name}: parameter '{pname}' has {len(value)} values but the merge has "
+                    f"{n_experts} experts; give one value per expert or a single number."
+                )
+
+    def with_params(self, **params: Any) -> MergeMethod:
+        """A copy with some hyperparameters replaced (validated again)."""
+        return dataclasses.replace(self, **params)
+
+    def describe(self) -> dict[str, Any]:
+        """The method name and its hyperparameters, for logs and config hashes."""
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaMethod(MergeMethod):
+    """A method of the task-arithmetic family: θ* = θ₀ + λ · combine(δ_1..δ_T).
+
+    Attributes:
+        lambda_: λ, the global scale applied after combining (YAML: ``lambda``).
+    """
+
+    lambda_: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_finite(self.name, "lambda_", self.lambda_)
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        raise NotImplementedError
+
+    def merge(self, inputs: TensorInputs) -> Tensor:
+        if inputs.base is None:
+            raise ConfigError(f"{self.name} needs a base model to compute task vectors; pass base=...")
+        if not inputs.tensors:
+            return inputs.base.clone()
+        return inputs.base + self.lambda_ * self.combine(inputs)
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+M = TypeVar("M", bound=type[MergeMethod])
+
+
+def register(cls: M) -> M:
+    """Class decorator: make a method available to :func:`get_method` under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"merge method name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    key = name.strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown merge method '{name}'; known methods: {', '.join(method_names())}")
+    return _REGISTRY[key]
+
+
+def get_method(name: str, **params: Any) -> MergeMethod:
+    """Build a registered method by its (mergekit-style, snake_case) name.
+
+    ``lambda`` is accepted as an alias of ``lambda_``. Unknown parameters raise
+    :class:`ConfigError` listing the valid ones.
+    """
+    cls = method_class(name)
+    if "lambda" in params:
+        params["lambda_"] = params.pop("lambda")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ConfigError(
+            f"merge method '{cls.name}' has no parameter(s) {unknown}; valid parameters: {sorted(valid)}"
+        )
+    return cls(**params)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_finite(method: str, pname: str, value: Any) -> None:
+    for v in _values(value):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"{method}: parameter '{pname}' must be a finite number, got {v!r}")
+
+
+def check_range(
+    method: str,
+    pname: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise :class:`ConfigError` unless every value lies in the interval (lo|[lo, hi]|hi)."""
+    check_finite(method, pname, value)
+    for v in _values(value):
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        if not (ok_lo and ok_hi):
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise ConfigError(
+                f"{method}: parameter '{pname}' = {v} is outside {interval}" + (f"; {hint}" if hint else "")
+            )
+
+
+def check_choice(method: str, pname: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{method}: parameter '{pname}' = {value!r} is not one of {list(choices)}")
+
+
+def check_weights(method: str, weights: Sequence[float], *, allow_negative: bool) -> None:
+    """Validate per-expert weights (finite; non-negative where the method forbids negatives)."""
+    check_finite(method, "weights", list(weights))
+    if not allow_negative and any(w < 0 for w in weights):
+        raise ConfigError(
+            f"{method}: negative weights {list(weights)} are not allowed for this method; "
+            "use non-negative weights or a method of the task-arithmetic family"
+        )
+
+
+__all__ = [
+    "DeltaMethod",
+    "MergeMethod",
+    "TensorInputs",
+    "check_choice",
+    "check_finite",
+    "check_range",
+    "check_weights",
+    "get_method",
+    "method_class",
+    "method_names",
+    "register",
+]

@@ -1,0 +1,112 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario"), spec §4.
+
+Drop And REscale, per element of each expert's task vector, with keep probability d = 1 − p
+(``density``; the paper's drop rate is p):
+
+    m_i ~ Bernoulli(d)                  (generator per (seed, tensor, expert))
+    δ̂  = m ⊙ δ / d                      (``rescale="inverse_prob"``, the paper)
+
+so E[δ̂] = δ and Var[δ̂_i] = δ_i² p / (1 − p). ``rescale="l1" | "l2" | "linf"`` instead matches the
+norm of the whole tensor (mergekit since 2025), ``"none"`` keeps m ⊙ δ. d = 1 is the identity;
+d → 0 gives zeros (never 0/0).
+
+* :class:`DareLinear`: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ w_t with ``normalize``).
+* :class:`DareTies`: elect γ on Σ w_t δ̂_t, then the disjoint mean (``normalize=True``, the DELLA
+  paper's DARE baseline and our default) or the elected sum (``normalize=False``, mergekit's
+  default); ``extra_trim_density`` adds MergeLM's TIES magnitude trim after the drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import Tensor
+
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .kernels import (
+    RescaleMode,
+    ZeroSign,
+    as_weights,
+    bernoulli_keep,
+    norm_rescale,
+    stack,
+    topk_mask,
+    weighted_mean,
+    weighted_sum,
+)
+from .ties import elect_and_fuse
+
+RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
+
+
+def dare_drop(delta: Tensor, density: float, gen, rescale: RescaleMode = "inverse_prob") -> Tensor:
+    """One DARE draw: keep each entry with probability ``density`` and rescale."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.new_zeros(delta.shape)
+    kept = delta * bernoulli_keep(density, delta, gen)
+    if rescale == "inverse_prob":
+        return kept / density
+    return norm_rescale(kept, delta, rescale)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Dare(DeltaMethod):
+    per_expert_params = ("density",)
+    density: PerExpert = 0.5
+    rescale: RescaleMode = "inverse_prob"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.name, "density", self.density, 0.0, 1.0, lo_open=True,
+                    hint="density = 1 − drop rate is the keep probability")
+        check_choice(self.name, "rescale", self.rescale, RESCALE_MODES)
+
+    def dropped(self, inputs: TensorInputs) -> list[Tensor]:
+        return [
+            dare_drop(d, inputs.per_expert(self.density, i), inputs.generator(i), self.rescale)
+            for i, d in enumerate(inputs.tensors)
+        ]
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DareLinear(_Dare):
+    """DARE then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ w_t when ``normalize``)."""
+
+    name = "dare_linear"
+    normalize: bool = False
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        x = stack(self.dropped(inputs))
+        w = as_weights(inputs.weights, x)
+        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DareTies(_Dare):
+    """DARE then TIES-style sign election and fuse (see the module docstring)."""
+
+    name = "dare_ties"
+    allow_negative_weights = False
+    normalize: bool = True
+    extra_trim_density: float | None = None
+    zero_sign: ZeroSign = "positive"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.extra_trim_density is not None:
+            check_range(self.name, "extra_trim_density", self.extra_trim_density, 0.0, 1.0, lo_open=True)
+        check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        dropped = self.dropped(inputs)
+        if self.extra_trim_density is not None:
+            dropped = [d * topk_mask(d, self.extra_trim_density) for d in dropped]
+        x = stack(dropped)
+        return elect_and_fuse(x, as_weights(inputs.weights, x), normalize=self.normalize,
+                              zero_sign=self.zero_sign)
+
+
+__all__ = ["DareLinear", "DareTies", "dare_drop"]

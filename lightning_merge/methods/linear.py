@@ -1,0 +1,60 @@
+"""Model soups and task arithmetic (spec §2).
+
+* :class:`Linear` (mergekit ``linear``; Wortsman et al. 2022 model soup): θ* = Σ_t w_t θ_t / Σ_t w_t
+  (uniform soup when all w_t = 1). Works on full weights and needs no base. With
+  ``normalize=False`` it is the plain weighted sum Σ_t w_t θ_t.
+* :class:`TaskArithmetic` (Ilharco et al. 2023): θ* = θ₀ + λ Σ_t w_t δ_t. With ``normalize=True``
+  the sum is divided by Σ_t w_t (mergekit's option).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import DeltaMethod, MergeMethod, TensorInputs, register
+from .kernels import as_weights, stack, weighted_mean, weighted_sum
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Linear(MergeMethod):
+    """Weighted model soup: θ* = Σ_t w_t θ_t / Σ_t w_t (divisor guard |Σw| < 1e-8 → 1).
+
+    Attributes:
+        normalize: divide by Σ_t w_t (default True, as mergekit's ``linear``).
+    """
+
+    name = "linear"
+    space = "weight"
+    requires_base = False
+    normalize: bool = True
+
+    def merge(self, inputs: TensorInputs) -> Tensor:
+        if not inputs.tensors:
+            if inputs.base is None:
+                raise ValueError(f"linear: no model has tensor '{inputs.name}'")
+            return inputs.base.clone()
+        x = stack(inputs.tensors)
+        w = as_weights(inputs.weights, x)
+        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class TaskArithmetic(DeltaMethod):
+    """Task arithmetic: θ* = θ₀ + λ Σ_t w_t δ_t (÷ Σ_t w_t when ``normalize``).
+
+    Attributes:
+        lambda_: λ, the scale of the summed task vectors (the TA paper tunes it, typically 0.3-0.5).
+        normalize: divide the weighted sum by Σ_t w_t.
+    """
+
+    name = "task_arithmetic"
+    normalize: bool = False
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        x = stack(inputs.tensors)
+        w = as_weights(inputs.weights, x)
+        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)

@@ -1,0 +1,183 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023), spec §3: trim → elect → disjoint mean → λ.
+
+    τ̂_t = trim(δ_t, d_t)                      keep the top d_t fraction of |δ_t|
+    γ   = sign(Σ_t w_t τ̂_t)   (S = 0 → +1)    sign election on the weighted *mass*
+    A_t = [sign(τ̂_t) = γ]
+    Δ   = Σ_t A_t w_t τ̂_t / Σ_t A_t w_t      (denominator 0 → 1)
+    θ*  = θ₀ + λ Δ
+
+Options that reproduce the reference implementations:
+
+* ``trim_scope="tensor"`` (mergekit, PEFT; default) ranks |δ| within each tensor;
+  ``"global"`` (the official repo) ranks over the whole task vector of each expert. The global
+  threshold is found exactly in two streaming statistics passes over the bit patterns of |δ|
+  (float32 bit patterns of non-negative numbers sort like the numbers), so memory stays
+  O(largest tensor), never O(model). Entries tied with the threshold are all kept.
+* ``trim_rule="exact_k"`` keeps exactly ⌊d·n⌋ entries (ties to the lower index);
+  ``"official"`` keeps |δ| ≥ the (n − ⌊n·d⌋)-th smallest, i.e. ⌊n·d⌋ + 1 entries (official repo).
+* ``election="weighted"`` elects on w_t τ̂_t (mergekit, the spec); ``"unweighted"`` on τ̂_t (PEFT).
+* ``divisor="weights"`` divides by Σ A_t w_t (spec, mergekit); ``"count"`` by Σ A_t (PEFT).
+* ``normalize=False`` sums the elected entries instead of averaging them.
+* ``zero_sign``: ``"positive"`` (mergekit, PEFT) or ``"majority"`` (official TIES).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .kernels import (
+    ZeroSign,
+    agreement_mask,
+    as_weights,
+    disjoint_mean,
+    elect_sign,
+    stack,
+    threshold_mask,
+    topk_mask,
+)
+
+TrimRule = Literal["exact_k", "official"]
+
+
+def elect_and_fuse(
+    x: Tensor,
+    weights: Tensor,
+    *,
+    election: str = "weighted",
+    divisor: str = "weights",
+    normalize: bool = True,
+    zero_sign: ZeroSign = "positive",
+) -> Tensor:
+    """Steps 2-3 shared by TIES, DARE-TIES, DELLA and Breadcrumbs-TIES: elect γ, fuse the agreeing entries.
+
+    ``x`` is the [T, ...] stack of sparsified deltas (unweighted).
+    """
+    ew = weights if election == "weighted" else torch.ones_like(weights)
+    gamma = elect_sign(x, ew, zero_sign)
+    mask = agreement_mask(x * ew.view(-1, *([1] * (x.dim() - 1))), gamma)
+    if not normalize:
+        w = weights.view(-1, *([1] * (x.dim() - 1)))
+        return (x * w * mask).sum(0)
+    if divisor == "count":
+        w = weights.view(-1, *([1] * (x.dim() - 1)))
+        return (x * w * mask).sum(0) / mask.sum(0).clamp(min=1)
+    return disjoint_mean(x, mask, weights)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Ties(DeltaMethod):
+    """TIES-Merging. ``density`` is the kept fraction (the paper's k; official default 0.2)."""
+
+    name = "ties"
+    allow_negative_weights = False
+    per_expert_params = ("density",)
+    density: PerExpert = 0.2
+    trim_scope: Literal["tensor", "global"] = "tensor"
+    trim_rule: TrimRule = "exact_k"
+    election: Literal["weighted", "unweighted"] = "weighted"
+    divisor: Literal["weights", "count"] = "weights"
+    normalize: bool = True
+    zero_sign: ZeroSign = "positive"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.name, "density", self.density, 0.0, 1.0, lo_open=True,
+                    hint="density is the kept fraction; 1.0 disables the trim")
+        check_choice(self.name, "trim_scope", self.trim_scope, ("tensor", "global"))
+        check_choice(self.name, "trim_rule", self.trim_rule, ("exact_k", "official"))
+        check_choice(self.name, "election", self.election, ("weighted", "unweighted"))
+        check_choice(self.name, "divisor", self.divisor, ("weights", "count"))
+        check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
+        if self.trim_scope == "global":
+            object.__setattr__(self, "statistics_passes", 2)
+
+    # ---- trim
+    def trim(self, inputs: TensorInputs) -> list[Tensor]:
+        out = []
+        for i, d in enumerate(inputs.tensors):
+            density = inputs.per_expert(self.density, i)
+            if self.trim_scope == "global" and density < 1.0:
+                thr_bits = inputs.stats["threshold"][inputs.experts[i]]
+                keep = _abs_bits(d) >= thr_bits
+            elif self.trim_rule == "official":
+                keep = threshold_mask(d, density)
+            else:
+                keep = topk_mask(d, density)
+            out.append(d * keep)
+        return out
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        x = stack(self.trim(inputs))
+        return elect_and_fuse(
+            x, as_weights(inputs.weights, x), election=self.election, divisor=self.divisor,
+            normalize=self.normalize, zero_sign=self.zero_sign,
+        )
+
+    # ---- global trim: exact k-th largest |δ| per expert over the whole model, in two passes
+    def init_statistics(self) -> dict[str, Any]:
+        return {"hi": {}, "lo": {}, "n": {}}
+
+    def observe(self, stats: dict[str, Any], pass_index: int, inputs: TensorInputs) -> None:
+        for i, d in enumerate(inputs.tensors):
+            e = inputs.experts[i]
+            bits = _abs_bits(d).flatten()
+            if pass_index == 0:
+                h = torch.bincount(bits >> 16, minlength=1 << 15).cpu()
+                stats["hi"][e] = stats["hi"].get(e, 0) + h
+                stats["n"][e] = stats["n"].get(e, 0) + bits.numel()
+            else:
+                hb = stats["bin"].get(e)
+                if hb is None:
+                    continue
+                sel = bits[(bits >> 16) == hb] & 0xFFFF
+                h = torch.bincount(sel, minlength=1 << 16).cpu()
+                stats["lo"][e] = stats["lo"].get(e, 0) + h
+
+    def combine_statistics(self, parts: list[Any], pass_index: int) -> Any:
+        out = parts[0]
+        for p in parts[1:]:
+            for key in (("hi", "n") if pass_index == 0 else ("lo",)):
+                for e, v in p[key].items():
+                    out[key][e] = out[key].get(e, 0) + v
+        return out
+
+    def finish_pass(self, stats: dict[str, Any], pass_index: int) -> dict[str, Any]:
+        dens = self.density
+        if pass_index == 0:
+            stats["bin"], stats["above"] = {}, {}
+            for e, hist in stats["hi"].items():
+                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
+                k = int(d * stats["n"][e])
+                if d >= 1.0 or k <= 0:
+                    continue
+                # highest bin b such that count(bins >= b) >= k
+                cum = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+                b = int(torch.nonzero(cum >= k).max())
+                stats["bin"][e] = b
+                stats["above"][e] = int(cum[b + 1]) if b + 1 < len(cum) else 0
+        else:
+            stats["threshold"] = {}
+            for e, b in stats["bin"].items():
+                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
+                k = int(d * stats["n"][e]) - stats["above"][e]
+                hist = stats["lo"][e]
+                cum = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+                lo = int(torch.nonzero(cum >= k).max())
+                stats["threshold"][e] = (b << 16) | lo
+            for e in stats["n"]:
+                stats["threshold"].setdefault(e, -1)  # k == 0 would keep nothing; density >= 1 keeps all
+                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
+                if d < 1.0 and int(d * stats["n"][e]) <= 0:
+                    stats["threshold"][e] = 1 << 31
+        return stats
+
+
+def _abs_bits(x: Tensor) -> Tensor:
+    """int64 bit pattern of float32 |x|; monotone in |x| for finite values."""
+    return x.detach().to(torch.float32).abs().contiguous().view(torch.int32).to(torch.int64)

@@ -1,0 +1,30 @@
+"""Test-wide settings: one torch thread (the suite shares 2 cores), offline Hugging Face."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "vectors.json"
+LOCAL = Path(__file__).resolve().parent / "data" / "vectors.json"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict:
+    """The spec's worked test vectors (a copy lives in tests/data so a clone is self-contained)."""
+    return json.loads(LOCAL.read_text())
+
+
+@pytest.fixture(scope="session")
+def tau_inputs(vectors):
+    base = torch.tensor(vectors["inputs"]["base"], dtype=torch.float32)
+    taus = [torch.tensor(t, dtype=torch.float32) for t in vectors["inputs"]["tau"]]
+    return base, taus

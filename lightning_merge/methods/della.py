@@ -1,0 +1,253 @@
+"""DELLA-Merging (Deep, Bhardwaj, Poria 2024), spec §5: MagPrune drop → elect → fuse → λ.
+
+Step 1, MagPrune (per expert, per tensor). The tensor is viewed as rows: ``(shape[0], -1)`` for
+tensors of two or more dims, one row for a 1-D tensor (``rank_scope="row"``, the paper's default,
+a row of ``nn.Linear.weight`` is one output unit), or the whole tensor as one row
+(``rank_scope="layer"``). Within a row of length n the entries are ranked by |δ| (stable: of two
+equal magnitudes the lower index counts as the larger). The keep probability q_i is
+
+* ``prob_formula="code"`` (default; della repo and mergekit ``della_magprune``, whose numbers the
+  paper reports), with e = ε/2 and r'_i ∈ {1..n} the ascending rank (1 = smallest |δ|):
+
+      q_i = (d − e) + 2e · (r'_i − 1)/(n − 1)         ∈ [d − ε/2, d + ε/2], row mean exactly d
+
+* ``prob_formula="paper"`` (paper §2.2), with p = 1 − d and r_i ∈ {0..n−1}, r = 0 the largest:
+
+      p_i = p_min + (ε/n) · r_i,   p_min = p − ε/2,   q_i = 1 − p_i,   row mean d + ε/(2n)
+
+then m_i ~ Bernoulli(q_i) and δ̂_i = m_i δ_i / q_i (``rescale="inverse_prob"``, the paper's
+1/(1 − p_i), so E[δ̂] = δ); ``"l1" | "l2" | "linf"`` instead match the norm of the whole tensor
+(mergekit since Feb 2025, whose ``rescale: true`` means ``"l1"``); ``"none"`` keeps m ⊙ δ.
+
+Steps 2-3 (:class:`Della`): γ = sign(Σ_t w_t δ̂_t) (S = 0 → +1), the disjoint mean over the experts
+agreeing with γ (``normalize=True``) or their sum, then θ* = θ₀ + λ Δ.
+:class:`DellaLinear` (mergekit ``della_linear``) skips the election: Δ = Σ_t w_t δ̂_t (÷ Σ_t w_t
+when ``normalize``).
+
+``epsilon`` is the paper's **full** window ε (della repo ``window_size``). mergekit's ``epsilon`` is
+the half-width e = ε/2, so mergekit ``epsilon: 0.15`` is ``epsilon=0.3`` here.
+
+Edge rules (spec §5.2): d ≥ 1 returns δ unchanged whatever ε; a row of length 1 gets q = d (the
+reference computes 0/0); ε = 0 is DARE. Both formulas need d − ε/2 > 0 and d + ε/2 ≤ 1 (for the
+paper formula: p + ε/2 < 1 and p − ε/2 ≥ 0, the same bounds), checked at construction. Ranks are
+int64 and normalised in float64 (spec §9.1); the probabilities are then float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .kernels import (
+    RescaleMode,
+    ZeroSign,
+    as_weights,
+    bernoulli_keep,
+    norm_rescale,
+    stack,
+    weighted_mean,
+    weighted_sum,
+)
+from .ties import elect_and_fuse
+
+RankScope = Literal["row", "layer"]
+ProbFormula = Literal["code", "paper"]
+RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
+
+
+def _rows(x: Tensor, rank_scope: RankScope) -> Tensor:
+    """``x`` viewed as the rows MagPrune ranks within (spec §5.2)."""
+    if rank_scope == "layer" or x.dim() <= 1:
+        return x.reshape(1, -1)
+    return x.reshape(x.shape[0], -1)
+
+
+def descending_rank(rows: Tensor) -> Tensor:
+    """int64 rank of each entry of every row by descending |x|: 0 for the largest.
+
+    Stable: equal magnitudes are ranked by index, the lower index first (counted as larger).
+    Batched over rows (one sort along dim 1), no Python loop.
+    """
+    order = torch.sort(rows.detach().abs(), dim=1, descending=True, stable=True).indices
+    n = rows.shape[1]
+    positions = torch.arange(n, dtype=torch.int64, device=rows.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def magprune_keep_prob(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    rank_scope: RankScope = "row",
+    prob_formula: ProbFormula = "code",
+) -> Tensor:
+    """The MagPrune keep probabilities q (float32, shape of ``delta``); see the module docstring.
+
+    ``epsilon`` is the paper's full window ε. ``density >= 1`` gives all ones, ``density <= 0`` all
+    zeros; a row of length 1 gets q = density. Bounds are not checked here (the methods check them).
+    """
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.float32)
+    if density <= 0.0:
+        return torch.zeros_like(delta, dtype=torch.float32)
+    if delta.numel() <= 1:
+        return torch.full_like(delta, density, dtype=torch.float32)
+    rows = _rows(delta, rank_scope)
+    n = rows.shape[1]
+    if n <= 1:
+        return torch.full_like(delta, density, dtype=torch.float32)
+    rank = descending_rank(rows).to(torch.float64)
+    if prob_formula == "code":
+        e = epsilon / 2.0
+        # ascending rank r' - 1 = n - 1 - r
+        q = (density - e) + (2.0 * e) * ((n - 1) - rank) / (n - 1)
+    else:
+        p = 1.0 - density
+        q = 1.0 - ((p - epsilon / 2.0) + (epsilon / n) * rank)
+    return q.to(torch.float32).reshape(delta.shape)
+
+
+def magprune_apply(
+    delta: Tensor, keep_mask: Tensor, keep_prob: Tensor, rescale: RescaleMode = "inverse_prob"
+) -> Tensor:
+    """δ̂ from a given keep mask: m ⊙ δ / q (``inverse_prob``), norm matched, or m ⊙ δ (``none``)."""
+    zero = torch.zeros_like(delta)
+    if rescale == "inverse_prob":
+        return torch.where(keep_mask, delta / keep_prob, zero)
+    return norm_rescale(torch.where(keep_mask, delta, zero), delta, rescale)
+
+
+def magprune(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    gen: torch.Generator,
+    *,
+    rank_scope: RankScope = "row",
+    prob_formula: ProbFormula = "code",
+    rescale: RescaleMode = "inverse_prob",
+) -> Tensor:
+    """One MagPrune draw (spec §5.2) with generator ``gen``. ``density >= 1`` returns ``delta``."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.new_zeros(delta.shape)
+    q = magprune_keep_prob(delta, density, epsilon, rank_scope, prob_formula)
+    return magprune_apply(delta, bernoulli_keep(q, delta, gen), q, rescale)
+
+
+def check_window(method: str, density: PerExpert, epsilon: PerExpert) -> None:
+    """Raise :class:`ConfigError` unless d − ε/2 > 0 and d + ε/2 ≤ 1 for every expert with d < 1."""
+    ds = [float(v) for v in (density if isinstance(density, (list, tuple)) else [density])]
+    es = [float(v) for v in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
+    n = max(len(ds), len(es))
+    ds, es = (ds * n if len(ds) == 1 else ds), (es * n if len(es) == 1 else es)
+    for i, (d, e) in enumerate(zip(ds, es)):  # a length mismatch is reported by check_experts
+        if d >= 1.0:
+            continue  # d = 1 is the identity whatever ε
+        if d - e / 2.0 <= 0.0 or d + e / 2.0 > 1.0 + 1e-12:
+            where = f" (expert {i})" if n > 1 else ""
+            raise ConfigError(
+                f"{method}: parameter 'density' = {d} with 'epsilon' = {e}{where} gives keep probabilities "
+                f"in [{d - e / 2:.6g}, {d + e / 2:.6g}]; need density - epsilon/2 > 0 and "
+                f"density + epsilon/2 <= 1, i.e. 0 <= epsilon < {2 * min(d, 1 - d):.6g} for this density "
+                "(epsilon is the paper's full window; mergekit's epsilon is half of it)"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _MagPrune(DeltaMethod):
+    """Shared MagPrune hyperparameters.
+
+    Attributes:
+        density: d, the mean keep fraction (1 − the paper's drop rate p), per expert.
+        epsilon: ε, the paper's full probability window (della ``window_size``), per expert;
+            mergekit's ``epsilon`` is ε/2. Default 0.14, the della README example.
+        rank_scope: ``"row"`` (rank within each row, default) or ``"layer"`` (whole tensor).
+        prob_formula: ``"code"`` (default) or ``"paper"``.
+        rescale: ``"inverse_prob"`` (default), ``"l1"``, ``"l2"``, ``"linf"`` or ``"none"``.
+    """
+
+    per_expert_params = ("density", "epsilon")
+    density: PerExpert = 0.5
+    epsilon: PerExpert = 0.14
+    rank_scope: RankScope = "row"
+    prob_formula: ProbFormula = "code"
+    rescale: RescaleMode = "inverse_prob"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.name, "density", self.density, 0.0, 1.0, lo_open=True,
+                    hint="density = 1 − drop rate is the mean keep probability; 1.0 disables the drop")
+        check_range(self.name, "epsilon", self.epsilon, 0.0, 1.0,
+                    hint="epsilon is the paper's full window ε (mergekit's epsilon is ε/2)")
+        check_window(self.name, self.density, self.epsilon)
+        check_choice(self.name, "rank_scope", self.rank_scope, ("row", "layer"))
+        check_choice(self.name, "prob_formula", self.prob_formula, ("code", "paper"))
+        check_choice(self.name, "rescale", self.rescale, RESCALE_MODES)
+
+    def dropped(self, inputs: TensorInputs) -> list[Tensor]:
+        """δ̂_t for every expert of this tensor (generator per (seed, tensor, expert))."""
+        return [
+            magprune(
+                d, inputs.per_expert(self.density, i), inputs.per_expert(self.epsilon, i),
+                inputs.generator(i), rank_scope=self.rank_scope, prob_formula=self.prob_formula,
+                rescale=self.rescale,
+            )
+            for i, d in enumerate(inputs.tensors)
+        ]
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Della(_MagPrune):
+    """DELLA: MagPrune → elect γ = sign(Σ w_t δ̂_t) → disjoint mean → θ* = θ₀ + λ Δ.
+
+    Attributes:
+        normalize: disjoint mean Σ A_t w_t δ̂_t / Σ A_t w_t (default, the paper) or the elected sum.
+        zero_sign: where Σ w_t δ̂_t = 0: ``"positive"`` (+1, mergekit) or ``"majority"``.
+    """
+
+    name = "della"
+    allow_negative_weights = False
+    normalize: bool = True
+    zero_sign: ZeroSign = "positive"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        x = stack(self.dropped(inputs))
+        return elect_and_fuse(x, as_weights(inputs.weights, x), normalize=self.normalize,
+                              zero_sign=self.zero_sign)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DellaLinear(_MagPrune):
+    """MagPrune then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ_t w_t when ``normalize``)."""
+
+    name = "della_linear"
+    normalize: bool = False
+
+    def combine(self, inputs: TensorInputs) -> Tensor:
+        x = stack(self.dropped(inputs))
+        w = as_weights(inputs.weights, x)
+        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+
+
+__all__ = [
+    "Della",
+    "DellaLinear",
+    "check_window",
+    "descending_rank",
+    "magprune",
+    "magprune_apply",
+    "magprune_keep_prob",
+]

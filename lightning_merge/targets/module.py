@@ -1,0 +1,90 @@
+"""In-place merge target: write merged tensors into a live ``nn.Module``, keeping a way back.
+
+Nothing is written until every merged tensor exists, so a merge that fails part-way (NaN in an
+input, a bad hyperparameter) leaves the module exactly as it was. :class:`WeightBackup` holds a CPU
+copy of the replaced tensors so a merge can be undone after the fact (e.g. when a merge candidate
+is rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IncompatibleTensorError
+
+log = logging.getLogger(__name__)
+
+
+def _lookup(module: nn.Module, name: str) -> Tensor | None:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        pass
+    try:
+        return module.get_buffer(name)
+    except AttributeError:
+        return None
+
+
+class WeightBackup:
+    """CPU copies of some of a module's tensors, restorable with :meth:`restore`."""
+
+    def __init__(self, module: nn.Module, names: Iterable[str]):
+        self.module = module
+        self.saved: dict[str, Tensor] = {}
+        for name in names:
+            t = _lookup(module, name)
+            if t is not None:
+                self.saved[name] = t.detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the saved values back (in place, so optimizers and tied weights stay valid)."""
+        for name, value in self.saved.items():
+            t = _lookup(self.module, name)
+            if t is not None:
+                t.copy_(value.to(t.device, t.dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.saved)
+
+
+@torch.no_grad()
+def load_into_module(
+    module: nn.Module,
+    tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor],
+    *,
+    keep_backup: bool = True,
+    strict: bool = False,
+) -> WeightBackup | None:
+    """Copy merged tensors into ``module`` in place (each keeps its device and dtype).
+
+    All tensors are collected (and shape-checked) before the first write. Names the module lacks
+    are skipped with a warning, or raise with ``strict=True``.
+    """
+    items = dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    targets: dict[str, Tensor] = {}
+    missing = []
+    for name, value in items.items():
+        t = _lookup(module, name)
+        if t is None:
+            missing.append(name)
+            continue
+        if tuple(t.shape) != tuple(value.shape):
+            raise IncompatibleTensorError(
+                f"merged tensor '{name}' has shape {list(value.shape)} but the module's has {list(t.shape)}"
+            )
+        targets[name] = t
+    if missing:
+        if strict:
+            raise IncompatibleTensorError(f"the module has no tensors named {missing[:5]} (strict=True)")
+        log.warning("%d merged tensors have no counterpart in the module and were skipped, e.g. %s",
+                    len(missing), missing[:3])
+    backup = WeightBackup(module, targets) if keep_backup else None
+    for name, t in targets.items():
+        t.copy_(items[name].to(t.device, t.dtype))
+    return backup

@@ -2,10 +2,18 @@
 
 from .errors import ConfigError, IncompatibleTensorError, MergeError, SourceError
 from .methods import (
+    DPPA,
+    AdaptiveRMS,
+    Breadcrumbs,
+    BreadcrumbsTies,
     DareLinear,
     DareTies,
+    Della,
+    DellaLinear,
     Linear,
     MergeMethod,
+    ModelStock,
+    Slerp,
     TaskArithmetic,
     Ties,
     get_method,
@@ -14,14 +22,22 @@ from .methods import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "DPPA",
+    "AdaptiveRMS",
+    "Breadcrumbs",
+    "BreadcrumbsTies",
     "ConfigError",
     "DareLinear",
     "DareTies",
+    "Della",
+    "DellaLinear",
     "IncompatibleTensorError",
     "Linear",
     "MergeError",
     "MergeMethod",
+    "ModelStock",
     "SourceError",
+    "Slerp",
     "TaskArithmetic",
     "Ties",
     "get_method",

@@ -13,10 +13,12 @@ order of tensors, on which subset of names a worker runs (``names=``) or on the 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,7 +30,7 @@ from .sources.base import Source, align
 
 log = logging.getLogger(__name__)
 
-VocabPolicy = Literal["truncate", "error"]
+VocabPolicy = Literal["truncate", "pad_mean", "error"]
 TensorParams = Callable[[str], dict[str, Any]]
 EMBEDDING_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight", "shared.weight")
 
@@ -47,6 +49,8 @@ class TensorTask:
     copy_source: int | None = None  # None: the base; i: expert i
     #: expert index -> rows/cols to keep (vocabulary truncation)
     truncate: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: rows every model is padded to with the mean of its own rows (vocab_policy="pad_mean")
+    pad_rows: int | None = None
 
     @property
     def numel(self) -> int:
@@ -84,6 +88,37 @@ def _is_embedding(name: str) -> bool:
     return any(h in name for h in EMBEDDING_HINTS)
 
 
+def tied_aliases(base: Source) -> dict[str, str]:
+    """Names the base ties to another tensor (``alias -> kept name``).
+
+    From the source itself (a module's shared parameters) or, for HF folders, from
+    ``tie_word_embeddings`` in config.json when the checkpoint stores the embedding only.
+    """
+    aliases = dict(getattr(base, "aliases", {}) or {})
+    cfg_dir = getattr(base, "config_dir", None)
+    if cfg_dir:
+        cfg = Path(cfg_dir) / "config.json"
+        try:
+            config = json.loads(cfg.read_text()) if cfg.exists() else {}
+        except (OSError, ValueError):
+            config = {}
+        keys = set(base.keys())
+        if config.get("tie_word_embeddings", False) and "lm_head.weight" not in keys:
+            emb = [k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                                                  "shared.weight"))]
+            if len(emb) == 1:
+                aliases["lm_head.weight"] = emb[0]
+    return aliases
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """Append rows equal to the mean of ``t``'s rows up to ``rows`` (MergeLM's new-token init)."""
+    if t.shape[0] >= rows:
+        return t
+    fill = t.mean(0, keepdim=True).expand(rows - t.shape[0], *t.shape[1:])
+    return torch.cat([t, fill], 0)
+
+
 def build_plan(
     base: Source | None,
     experts: Sequence[Source],
@@ -111,8 +146,8 @@ def build_plan(
         raise ConfigError(f"weights has {len(weights)} values for {n} experts; give one weight per expert")
     check_weights(method.name, weights, allow_negative=method.allow_negative_weights)
     method.check_experts(n)
-    if vocab_policy not in ("truncate", "error"):
-        raise ConfigError(f"vocab_policy '{vocab_policy}' is not one of ['truncate', 'error']")
+    if vocab_policy not in ("truncate", "pad_mean", "error"):
+        raise ConfigError(f"vocab_policy '{vocab_policy}' is not one of ['truncate', 'pad_mean', 'error']")
     if base is None:
         if method.requires_base:
             raise ConfigError(f"merge method '{method.name}' needs a base model; pass base=...")
@@ -130,8 +165,13 @@ def build_plan(
     base_keys = set(base.keys()) if base is not None else set()
     names: list[str] = list(ref_keys)
     seen = set(names)
+    tied = tied_aliases(base) if base is not None else {}
     for i, e in enumerate(aligned):
-        extra = [k for k in e.keys() if k not in seen]
+        dropped = [k for k in e.keys() if k in tied and k not in seen]
+        if dropped:
+            log.info("%s: %s are tied to %s in the base and merged once", e.label, dropped,
+                     [tied[k] for k in dropped])
+        extra = [k for k in e.keys() if k not in seen and k not in tied]
         if extra and base is not None:
             if strict:
                 raise IncompatibleTensorError(
@@ -159,9 +199,14 @@ def build_plan(
             task.action = "copy"
             tasks.append(task)
             continue
+        if vocab_policy == "pad_mean" and _is_embedding(name):
+            rows = max([shape[0]] + [aligned[i].shape(name)[0] for i in present])
+            if rows != shape[0]:
+                task.pad_rows = rows
         for i in present:
             eshape = tuple(aligned[i].shape(name))
-            if eshape != shape:
+            padded = task.pad_rows is not None and eshape[1:] == shape[1:]
+            if eshape != shape and not padded:
                 if (
                     vocab_policy == "truncate" and _is_embedding(name) and len(eshape) == len(shape)
                     and all(a >= b for a, b in zip(eshape, shape))
@@ -173,9 +218,14 @@ def build_plan(
                     raise IncompatibleTensorError(
                         f"{aligned[i].label}: tensor '{name}' has shape {list(eshape)} but the base has "
                         f"{list(shape)}; experts must share the base's architecture"
-                        + (" (for a resized vocabulary use vocab_policy='truncate')" if _is_embedding(name) else "")
+                        + (" (for a resized vocabulary use vocab_policy='truncate' or 'pad_mean')"
+                           if _is_embedding(name) else "")
                     )
             task.experts.append(i)
+        if task.pad_rows is not None:
+            log.info("'%s': every model padded to %d rows with the mean of its rows (vocab_policy='pad_mean')",
+                     name, task.pad_rows)
+            task.shape = (task.pad_rows, *shape[1:])
         missing = [i for i in range(n) if i not in present]
         if missing and base is not None:
             log.debug("'%s' is absent from experts %s: they are left out of this tensor", name, missing)
@@ -215,6 +265,8 @@ def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
     if plan.base is not None:
         base_t = _checked(plan.base.get(task.name), plan.base, task.name, plan.check_finite)
         base_t = base_t.to(dev, torch.float32)
+        if task.pad_rows is not None:
+            base_t = _pad_rows(base_t, task.pad_rows)
     tensors: list[Tensor] = []
     for i in task.experts:
         src = plan.experts[i]
@@ -222,6 +274,8 @@ def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
         if i in task.truncate:
             t = t[tuple(slice(0, s) for s in task.truncate[i])]
         t = t.to(dev, torch.float32)
+        if task.pad_rows is not None:
+            t = _pad_rows(t, task.pad_rows) if src.kind == "full" else _pad_zero(t, task.pad_rows)
         if method.space == "delta" and src.kind == "full":
             t = t - base_t
         elif method.space == "weight" and src.kind == "delta":
@@ -232,6 +286,12 @@ def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
         weights=[weights[i] for i in task.experts], seed=plan.seed, n_experts=len(plan.experts),
         stats=plan.stats,
     )
+
+
+def _pad_zero(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], 0)
 
 
 def _copy(plan: MergePlan, task: TensorTask) -> Tensor:

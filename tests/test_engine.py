@@ -200,3 +200,33 @@ def test_failed_merge_leaves_module_untouched(three):
         merge_models(None, experts, TaskArithmetic(), out=net)
     for key, v in net.state_dict().items():
         assert torch.equal(v, base[key]), key
+
+
+def test_resized_vocabulary_pad_mean(three):
+    """MergeLM's policy: new rows start at the mean of each model's existing rows."""
+    base, experts = three
+    new_rows = torch.full((2, 4), 3.0)
+    experts[0]["embed.weight"] = torch.cat([experts[0]["embed.weight"], new_rows])
+    b, es = srcs(base, experts)
+    out = dict(run_plan(build_plan(b, es, TaskArithmetic(), vocab_policy="pad_mean")))
+    emb = out["embed.weight"]
+    assert emb.shape == (12, 4)
+    base_mean = base["embed.weight"].mean(0)
+    want_new = base_mean + (new_rows - base_mean) + sum(e["embed.weight"].mean(0) - base_mean for e in experts[1:])
+    torch.testing.assert_close(emb[10:], want_new)
+    torch.testing.assert_close(emb[:10], base["embed.weight"] + sum(e["embed.weight"][:10] - base["embed.weight"]
+                                                                    for e in experts))
+
+
+def test_tied_lm_head_in_module_base_merged_once(three):
+    """A base module with tied embeddings lists the tensor once; an expert's lm_head copy is not re-added."""
+    base, experts = three
+    net = make_net(base)
+    net.lm_head = nn.Linear(4, 10, bias=False)
+    net.lm_head.weight = net.embed.weight  # tie
+    for e in experts:
+        e["lm_head.weight"] = e["embed.weight"].clone()
+    merge_models(None, experts, TaskArithmetic(), out=net)
+    assert net.lm_head.weight is net.embed.weight
+    want = base["embed.weight"] + sum(e["embed.weight"] - base["embed.weight"] for e in experts)
+    torch.testing.assert_close(net.embed.weight.detach(), want)

@@ -27,10 +27,18 @@ when ``normalize``).
 ``epsilon`` is the paper's **full** window ε (della repo ``window_size``). mergekit's ``epsilon`` is
 the half-width e = ε/2, so mergekit ``epsilon: 0.15`` is ``epsilon=0.3`` here.
 
-Edge rules (spec §5.2): d ≥ 1 returns δ unchanged whatever ε; a row of length 1 gets q = d (the
-reference computes 0/0); ε = 0 is DARE. Both formulas need d − ε/2 > 0 and d + ε/2 ≤ 1 (for the
+Edge rules (spec §5.2): d ≥ 1 returns δ unchanged whatever ε; a row of length 1 gets q = d with
+either formula (the reference computes 0/0); ε = 0 is DARE (the very same draw for a given
+generator). Both formulas need d − ε/2 > 0 and d + ε/2 ≤ 1 (for the
 paper formula: p + ε/2 < 1 and p − ε/2 ≥ 0, the same bounds), checked at construction. Ranks are
-int64 and normalised in float64 (spec §9.1); the probabilities are then float32.
+int64 sort positions; the probability of each rank is computed in float64 (spec §9.1), rounded to
+float32 once and scattered back to the entries (one batched sort per tensor, no loop over rows).
+
+Differences from mergekit 0.1.5 ``della``/``della_linear``: ``epsilon`` is the full window (see
+above); the default rescale is the paper's 1/q_i (mergekit: L1 norm matching, ``rescale="l1"``);
+ties in |δ| are broken by index (mergekit: unstable argsort); tensors of three or more dims are
+ranked over ``(shape[0], -1)`` rows (mergekit ranks along dim 1 of the unflattened tensor); a row
+of length 1 keeps with probability d (mergekit: NaN).
 """
 
 from __future__ import annotations
@@ -67,16 +75,30 @@ def _rows(x: Tensor, rank_scope: RankScope) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def descending_rank(rows: Tensor) -> Tensor:
-    """int64 rank of each entry of every row by descending |x|: 0 for the largest.
+def _descending_order(rows: Tensor) -> Tensor:
+    """Per row, the indices sorted by descending |x| (stable: ties keep the lower index first)."""
+    return torch.sort(rows.detach().abs(), dim=1, descending=True, stable=True).indices
 
-    Stable: equal magnitudes are ranked by index, the lower index first (counted as larger).
-    Batched over rows (one sort along dim 1), no Python loop.
+
+def keep_prob_by_rank(
+    n: int,
+    density: float,
+    epsilon: float,
+    prob_formula: ProbFormula = "code",
+    device: torch.device | None = None,
+) -> Tensor:
+    """q as a function of the descending rank r = 0..n−1 (r = 0 the largest |δ|), float64 → float32.
+
+    code:  q_r = (d − ε/2) + ε · (n − 1 − r)/(n − 1)      paper: q_r = 1 − ((1 − d) − ε/2 + (ε/n) r)
     """
-    order = torch.sort(rows.detach().abs(), dim=1, descending=True, stable=True).indices
-    n = rows.shape[1]
-    positions = torch.arange(n, dtype=torch.int64, device=rows.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    if n <= 1:
+        return torch.full((n,), density, dtype=torch.float32, device=device)
+    r = torch.arange(n, dtype=torch.float64, device=device)
+    if prob_formula == "code":
+        q = (density - epsilon / 2.0) + epsilon * ((n - 1) - r) / (n - 1)
+    else:
+        q = 1.0 - (((1.0 - density) - epsilon / 2.0) + (epsilon / n) * r)
+    return q.to(torch.float32)
 
 
 def magprune_keep_prob(
@@ -98,18 +120,11 @@ def magprune_keep_prob(
     if delta.numel() <= 1:
         return torch.full_like(delta, density, dtype=torch.float32)
     rows = _rows(delta, rank_scope)
-    n = rows.shape[1]
-    if n <= 1:
-        return torch.full_like(delta, density, dtype=torch.float32)
-    rank = descending_rank(rows).to(torch.float64)
-    if prob_formula == "code":
-        e = epsilon / 2.0
-        # ascending rank r' - 1 = n - 1 - r
-        q = (density - e) + (2.0 * e) * ((n - 1) - rank) / (n - 1)
-    else:
-        p = 1.0 - density
-        q = 1.0 - ((p - epsilon / 2.0) + (epsilon / n) * rank)
-    return q.to(torch.float32).reshape(delta.shape)
+    order = _descending_order(rows)
+    table = keep_prob_by_rank(rows.shape[1], density, epsilon, prob_formula, delta.device)
+    q = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    q.scatter_(1, order, table.expand(order.shape))
+    return q.reshape(delta.shape)
 
 
 def magprune_apply(
@@ -147,15 +162,16 @@ def check_window(method: str, density: PerExpert, epsilon: PerExpert) -> None:
     es = [float(v) for v in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
     n = max(len(ds), len(es))
     ds, es = (ds * n if len(ds) == 1 else ds), (es * n if len(es) == 1 else es)
-    for i, (d, e) in enumerate(zip(ds, es)):  # a length mismatch is reported by check_experts
+    for i, (d, e) in enumerate(zip(ds, es, strict=False)):  # a length mismatch is reported by check_experts
         if d >= 1.0:
             continue  # d = 1 is the identity whatever ε
         if d - e / 2.0 <= 0.0 or d + e / 2.0 > 1.0 + 1e-12:
             where = f" (expert {i})" if n > 1 else ""
+            works = f"epsilon < {2 * d:.6g}" if d < 0.5 else f"epsilon <= {2 * (1 - d):.6g}"
             raise ConfigError(
                 f"{method}: parameter 'density' = {d} with 'epsilon' = {e}{where} gives keep probabilities "
                 f"in [{d - e / 2:.6g}, {d + e / 2:.6g}]; need density - epsilon/2 > 0 and "
-                f"density + epsilon/2 <= 1, i.e. 0 <= epsilon < {2 * min(d, 1 - d):.6g} for this density "
+                f"density + epsilon/2 <= 1, i.e. 0 <= {works} for this density "
                 "(epsilon is the paper's full window; mergekit's epsilon is half of it)"
             )
 
@@ -246,7 +262,7 @@ __all__ = [
     "Della",
     "DellaLinear",
     "check_window",
-    "descending_rank",
+    "keep_prob_by_rank",
     "magprune",
     "magprune_apply",
     "magprune_keep_prob",

@@ -1,0 +1,122 @@
+"""Property tests over every registered method (hypothesis): identities every merge must satisfy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_merge.engine import build_plan, run_plan
+from lightning_merge.methods import TensorInputs, get_method, method_names
+from lightning_merge.sources import StateDictSource
+
+# parameters that make each method a no-op sparsifier ("density 1, no drop")
+NO_DROP = {
+    "linear": {},
+    "task_arithmetic": {},
+    "ties": {"density": 1.0},
+    "dare_linear": {"density": 1.0},
+    "dare_ties": {"density": 1.0},
+    "della": {"density": 1.0, "epsilon": 0.0},
+    "della_linear": {"density": 1.0, "epsilon": 0.0},
+    "breadcrumbs": {"density": 1.0, "gamma": 0.0},
+    "breadcrumbs_ties": {"density": 1.0, "gamma": 0.0},
+    "adaptive_rms": {"drop_rate": 0.0, "drop_scale": 0.0},
+}
+# typical sparsifying settings, for the invariants that hold whatever the hyperparameters
+TYPICAL = {
+    "ties": {"density": 0.3},
+    "dare_linear": {"density": 0.4},
+    "dare_ties": {"density": 0.4},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.5, "epsilon": 0.2},
+    "breadcrumbs": {"density": 0.6, "gamma": 0.1},
+    "breadcrumbs_ties": {"density": 0.6, "gamma": 0.1},
+    "adaptive_rms": {"drop_rate": 0.7, "drop_scale": 0.5},
+    "slerp": {"t": 0.3},
+}
+TWO_MODELS_ONLY = {"slerp"}
+MIN_TWO = {"model_stock"}
+SUM_METHODS = {"task_arithmetic", "dare_linear", "della_linear"}  # plain Σ w δ when nothing is dropped
+
+shapes = st.tuples(st.integers(1, 5), st.integers(2, 9))
+settings_ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tensors(shape, seed, n):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [torch.randn(shape, generator=g) * 0.1 for _ in range(n)]
+
+
+def run(name, params, base, deltas, weights=None, seed=0):
+    """Merge one tensor named 'model.layers.0.self_attn.q_proj.weight' through the engine."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    m = get_method(name, **params)
+    b = StateDictSource({key: base}, "base")
+    es = [StateDictSource({key: base + d}, f"e{i}") for i, d in enumerate(deltas)]
+    return dict(run_plan(build_plan(b, es, m, weights=weights, seed=seed)))[key]
+
+
+def n_experts(name):
+    return 1 if name in TWO_MODELS_ONLY else (2 if name in MIN_TWO else 3)
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if n != "dppa"])
+@given(shape=shapes, seed=st.integers(0, 2**16))
+@settings_
+def test_zero_deltas_give_the_base(name, shape, seed):
+    base, deltas = tensors(shape, seed, n_experts(name))
+    out = run(name, TYPICAL.get(name, {}), base, [torch.zeros_like(d) for d in deltas])
+    torch.testing.assert_close(out, base, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NO_DROP if n in method_names()])
+@given(shape=shapes, seed=st.integers(0, 2**16))
+@settings_
+def test_one_expert_weight_one_gives_the_expert(name, shape, seed):
+    base, deltas = tensors(shape, seed, 1)
+    out = run(name, NO_DROP[name], base, deltas[:1], weights=[1.0])
+    torch.testing.assert_close(out, base + deltas[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SUM_METHODS))
+@given(shape=shapes, seed=st.integers(0, 2**16), lam=st.floats(0.1, 2.0))
+@settings_
+def test_no_drop_reduces_to_task_arithmetic(name, shape, seed, lam):
+    if name not in method_names():
+        pytest.skip(f"{name} not registered")
+    base, deltas = tensors(shape, seed, 3)
+    w = [1.0, 0.5, 2.0]
+    got = run(name, {**NO_DROP[name], "lambda_": lam}, base, deltas, weights=w)
+    want = run("task_arithmetic", {"lambda_": lam}, base, deltas, weights=w)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", method_names())
+@given(shape=shapes, seed=st.integers(0, 2**16))
+@settings_
+def test_shape_dtype_finite_and_deterministic(name, shape, seed):
+    base, deltas = tensors(shape, seed, n_experts(name))
+    params = TYPICAL.get(name, {})
+    a = run(name, params, base.to(torch.bfloat16).float(), deltas, seed=seed)
+    b = run(name, params, base.to(torch.bfloat16).float(), deltas, seed=seed)
+    assert a.shape == base.shape and a.dtype == torch.float32
+    assert bool(torch.isfinite(a).all())
+    assert torch.equal(a, b)
+
+
+def test_bf16_base_keeps_bf16():
+    key = "w"
+    base = torch.randn(4, 4).to(torch.bfloat16)
+    es = [StateDictSource({key: (base.float() + 0.01).to(torch.bfloat16)}, "e")]
+    out = dict(run_plan(build_plan(StateDictSource({key: base}, "b"), es, get_method("ties", density=0.5))))
+    assert out[key].dtype == torch.bfloat16
+
+
+def test_inputs_direct_call_matches_engine():
+    base, deltas = tensors((3, 4), 0, 3)
+    m = get_method("ties", density=0.5)
+    direct = m.merge(TensorInputs("model.layers.0.self_attn.q_proj.weight", base, deltas, [0, 1, 2], [1, 1, 1]))
+    torch.testing.assert_close(direct, run("ties", {"density": 0.5}, base, deltas))

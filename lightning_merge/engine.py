@@ -166,7 +166,7 @@ def build_plan(
     names: list[str] = list(ref_keys)
     seen = set(names)
     tied = tied_aliases(base) if base is not None else {}
-    for i, e in enumerate(aligned):
+    for e in aligned:
         dropped = [k for k in e.keys() if k in tied and k not in seen]
         if dropped:
             log.info("%s: %s are tied to %s in the base and merged once", e.label, dropped,

@@ -19,8 +19,14 @@ from lightning_merge.methods.della import (
     magprune_apply,
     magprune_keep_prob,
 )
-from lightning_merge.methods.kernels import agreement_mask, as_weights, bernoulli_keep, elect_sign, stack
-from lightning_merge.methods.ties import elect_and_fuse
+from lightning_merge.methods.kernels import (
+    agreement_mask,
+    as_weights,
+    bernoulli_keep,
+    elect_and_fuse,
+    elect_sign,
+    stack,
+)
 
 N_SEEDS = 4000
 

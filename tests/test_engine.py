@@ -147,7 +147,7 @@ def test_global_ties_threshold_is_exact():
     # and the merge uses it: recompute by hand
     for name in base:
         trimmed = []
-        for j, e in enumerate(experts):
+        for e in experts:
             d = e[name] - base[name]
             flat = torch.cat([(e[k] - base[k]).flatten() for k in base]).abs().sort(descending=True).values
             kth = flat[int(0.3 * flat.numel()) - 1]

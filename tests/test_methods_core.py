@@ -10,8 +10,7 @@ import torch
 from lightning_merge import ConfigError, DareLinear, DareTies, Linear, TaskArithmetic, Ties, get_method
 from lightning_merge.methods import TensorInputs
 from lightning_merge.methods.dare import dare_drop
-from lightning_merge.methods.kernels import generator_for, topk_mask
-from lightning_merge.methods.ties import elect_and_fuse
+from lightning_merge.methods.kernels import elect_and_fuse, generator_for, topk_mask
 
 T = torch.tensor
 

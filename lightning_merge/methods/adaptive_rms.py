@@ -61,8 +61,7 @@ from .base import (
     check_range,
     register,
 )
-from .kernels import ZeroSign, as_weights, bernoulli_keep, stack, topk_mask
-from .ties import elect_and_fuse
+from .kernels import ZeroSign, as_weights, bernoulli_keep, elect_and_fuse, stack, topk_mask
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,7 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, as_weights, norm_rescale, stack, weighted_mean, weighted_sum
-from .ties import elect_and_fuse
+from .kernels import ZeroSign, as_weights, elect_and_fuse, norm_rescale, stack, weighted_mean, weighted_sum
 
 NormRescale = Literal["none", "l1", "l2", "linf"]
 

@@ -19,6 +19,7 @@ d → 0 gives zeros (never 0/0).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
@@ -27,13 +28,13 @@ from .kernels import (
     ZeroSign,
     as_weights,
     bernoulli_keep,
+    elect_and_fuse,
     norm_rescale,
     stack,
     topk_mask,
     weighted_mean,
     weighted_sum,
 )
-from .ties import elect_and_fuse
 
 RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
 

@@ -56,12 +56,12 @@ from .kernels import (
     ZeroSign,
     as_weights,
     bernoulli_keep,
+    elect_and_fuse,
     norm_rescale,
     stack,
     weighted_mean,
     weighted_sum,
 )
-from .ties import elect_and_fuse
 
 RankScope = Literal["row", "layer"]
 ProbFormula = Literal["code", "paper"]

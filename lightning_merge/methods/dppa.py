@@ -56,8 +56,7 @@ from torch import Tensor
 from ..errors import ConfigError, MergeError
 from .adaptive_rms import split_block_name
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, as_weights, stack, weighted_sum
-from .ties import elect_and_fuse
+from .kernels import ZeroSign, as_weights, elect_and_fuse, stack, weighted_sum
 
 log = logging.getLogger(__name__)
 

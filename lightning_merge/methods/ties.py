@@ -30,43 +30,9 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import (
-    ZeroSign,
-    agreement_mask,
-    as_weights,
-    disjoint_mean,
-    elect_sign,
-    stack,
-    threshold_mask,
-    topk_mask,
-)
+from .kernels import ZeroSign, as_weights, elect_and_fuse, stack, threshold_mask, topk_mask
 
 TrimRule = Literal["exact_k", "official"]
-
-
-def elect_and_fuse(
-    x: Tensor,
-    weights: Tensor,
-    *,
-    election: str = "weighted",
-    divisor: str = "weights",
-    normalize: bool = True,
-    zero_sign: ZeroSign = "positive",
-) -> Tensor:
-    """Steps 2-3 shared by TIES, DARE-TIES, DELLA and Breadcrumbs-TIES: elect γ, fuse the agreeing entries.
-
-    ``x`` is the [T, ...] stack of sparsified deltas (unweighted).
-    """
-    ew = weights if election == "weighted" else torch.ones_like(weights)
-    gamma = elect_sign(x, ew, zero_sign)
-    mask = agreement_mask(x * ew.view(-1, *([1] * (x.dim() - 1))), gamma)
-    if not normalize:
-        w = weights.view(-1, *([1] * (x.dim() - 1)))
-        return (x * w * mask).sum(0)
-    if divisor == "count":
-        w = weights.view(-1, *([1] * (x.dim() - 1)))
-        return (x * w * mask).sum(0) / mask.sum(0).clamp(min=1)
-    return disjoint_mean(x, mask, weights)
 
 
 @register

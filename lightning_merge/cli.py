@@ -1,0 +1,152 @@
+"""The ``lightning-merge`` command.
+
+``lightning-merge merge CONFIG OUT [--device DEV] [--seed N] [--out-dtype DTYPE] [--overwrite]
+[--progress/--no-progress]`` reads a mergekit YAML (see :mod:`lightning_merge.mergekit_config`)
+and writes the merged Hugging Face folder ``OUT``. Logs go to stderr (INFO); one summary line
+goes to stdout at the end. A bad input (any :class:`~lightning_merge.errors.MergeError`) prints one
+``lightning-merge: error: ...`` line to stderr, exits with status 2 and leaves no output folder.
+
+The training subcommands (``fit``, ``validate``, ``test``, ``predict``) belong to the LightningCLI
+integration; until it is installed they answer with a clear message and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import MergeError
+
+PROG = "lightning-merge"
+TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+#: module providing ``main(argv)`` for the LightningCLI subcommands (added by another issue)
+LIGHTNING_CLI_MODULE = "lightning_merge.lightning_cli"
+
+log = logging.getLogger("lightning_merge.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Merge fine-tuned models and LoRA adapters.",
+        epilog=f"training subcommands ({', '.join(TRAINING_COMMANDS)}) are provided by the LightningCLI "
+        "integration",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{merge," + ",".join(TRAINING_COMMANDS) + "}")
+    merge = sub.add_parser(
+        "merge",
+        help="merge models offline from a mergekit-style YAML config",
+        description="Merge models from a mergekit-style YAML config into a Hugging Face folder.",
+    )
+    merge.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters)")
+    merge.add_argument("out", help="output folder (written atomically)")
+    merge.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1, ... "
+                       "(default: cpu)")
+    merge.add_argument("--seed", type=int, default=None,
+                       help="seed of the random methods (DARE, DELLA); default: the YAML's seed, else 0")
+    merge.add_argument("--out-dtype", default=None,
+                       help="dtype of the written tensors (float32, bfloat16, float16); overrides the YAML")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show a progress bar (default: only for long merges in a terminal)")
+    return parser
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _count_tensors(out: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            n += len(list(fh.keys()))
+    return n
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .mergekit_config import parse_config
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        recipe = parse_config(args.config)
+        log.info("%s: %s with %d expert(s) on base %s", args.config, recipe.method, len(recipe.experts),
+                 recipe.base)
+        recipe.merge(out, device=args.device, seed=args.seed, out_dtype=args.out_dtype,
+                     overwrite=args.overwrite, progress=args.progress)
+    except BaseException:
+        # the targets write atomically; this also covers a folder created before the failure
+        if not existed and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    print(f"{PROG}: merged {_count_tensors(out)} tensors with {recipe.merge_method} "
+          f"({type(recipe.method).__name__}) in {seconds:.2f} s -> {out}")
+    return 0
+
+
+def _training(command: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(LIGHTNING_CLI_MODULE)
+    except ModuleNotFoundError as e:
+        if e.name != LIGHTNING_CLI_MODULE:
+            raise
+        print(f"{PROG}: error: '{command}' (LightningCLI training) is not available in this version; "
+              f"use '{PROG} merge CONFIG OUT' to merge offline", file=sys.stderr)
+        return 2
+    return int(mod.main([command, *argv]) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-merge``; returns the exit status (0 ok, 2 bad input)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in TRAINING_COMMANDS:
+        return _training(args_list[0], args_list[1:])
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: a subcommand is required: merge, or one of {', '.join(TRAINING_COMMANDS)}",
+              file=sys.stderr)
+        return 2
+
+    pkg_log = logging.getLogger("lightning_merge")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    old_level = pkg_log.level
+    pkg_log.addHandler(handler)
+    pkg_log.setLevel(logging.INFO)
+    try:
+        return _merge(args)
+    except MergeError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+    finally:
+        pkg_log.removeHandler(handler)
+        pkg_log.setLevel(old_level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["main"]

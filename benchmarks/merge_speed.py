@@ -55,7 +55,8 @@ def make_models(size: str) -> Path:
     hidden, inter, layers, vocab = SIZES[size]
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
-                      tie_word_embeddings=False, torch_dtype="float32")
+                      tie_word_embeddings=False, dtype="float32")
+    cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)

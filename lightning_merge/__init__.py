@@ -1,5 +1,6 @@
 """lightning_merge: merge fine-tuned models and LoRA adapters inside PyTorch Lightning runs."""
 
+from .api import merge_models
 from .errors import ConfigError, IncompatibleTensorError, MergeError, SourceError
 from .methods import (
     DPPA,
@@ -41,5 +42,6 @@ __all__ = [
     "TaskArithmetic",
     "Ties",
     "get_method",
+    "merge_models",
     "method_names",
 ]

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out-dtype", default=None,
                        help="dtype of the written tensors (float32, bfloat16, float16); overrides the YAML")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.add_argument("--format", dest="out_format", choices=("hf", "safetensors", "peft"), default=None,
+                       help="hf: a Hugging Face folder (default); safetensors: one file; peft: a LoRA "
+                       "adapter of the merged delta (truncated SVD, see --adapter-rank)")
+    merge.add_argument("--adapter-rank", type=int, default=16, help="LoRA rank for --format peft (default 16)")
     merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show a progress bar (default: only for long merges in a terminal)")
     return parser
@@ -66,7 +70,7 @@ def _count_tensors(out: Path) -> int:
     from safetensors import safe_open
 
     n = 0
-    for f in sorted(out.glob("*.safetensors")):
+    for f in [out] if out.is_file() else sorted(out.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
             n += len(list(fh.keys()))
     return n
@@ -83,7 +87,8 @@ def _merge(args: argparse.Namespace) -> int:
         log.info("%s: %s with %d expert(s) on base %s", args.config, recipe.method, len(recipe.experts),
                  recipe.base)
         recipe.merge(out, device=args.device, seed=args.seed, out_dtype=args.out_dtype,
-                     overwrite=args.overwrite, progress=args.progress)
+                     overwrite=args.overwrite, progress=args.progress, out_format=args.out_format,
+                     adapter_rank=args.adapter_rank)
     except BaseException:
         # the targets write atomically; this also covers a folder created before the failure
         if not existed and out.exists():

@@ -270,16 +270,18 @@ def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
     tensors: list[Tensor] = []
     for i in task.experts:
         src = plan.experts[i]
-        t = _checked(src.get(task.name), src, task.name, plan.check_finite)
-        if i in task.truncate:
-            t = t[tuple(slice(0, s) for s in task.truncate[i])]
+        raw = _checked(src.get(task.name), src, task.name, plan.check_finite)
+        t = raw[tuple(slice(0, s) for s in task.truncate[i])] if i in task.truncate else raw
         t = t.to(dev, torch.float32)
         if task.pad_rows is not None:
             t = _pad_rows(t, task.pad_rows) if src.kind == "full" else _pad_zero(t, task.pad_rows)
+        owned = src.fresh_tensors or t.data_ptr() != raw.data_ptr()
         if method.space == "delta" and src.kind == "full":
-            t = t - base_t
+            t = t.sub_(base_t) if owned else t - base_t
         elif method.space == "weight" and src.kind == "delta":
-            t = base_t + t
+            t = t.add_(base_t) if owned else base_t + t
+        elif not owned:
+            t = t.clone()  # methods may work in place on their inputs
         tensors.append(t)
     return TensorInputs(
         name=task.name, base=base_t, tensors=tensors, experts=list(task.experts),

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_merge import ConfigError, DareLinear, DareTies, Linear, TaskArithmetic, Ties, get_method
 from lightning_merge.methods import TensorInputs
@@ -16,7 +18,9 @@ T = torch.tensor
 
 
 def inputs(base, tensors, weights=(1.0, 1.0, 1.0), seed=0, name="w"):
-    return TensorInputs(name, base, list(tensors), list(range(len(tensors))), list(weights), seed=seed)
+    """Methods own (and may modify) their input tensors: hand them copies."""
+    return TensorInputs(name, base, [t.clone() for t in tensors], list(range(len(tensors))), list(weights),
+                        seed=seed)
 
 
 def close(a, b, atol=1e-6):
@@ -177,3 +181,18 @@ def test_bad_hyperparameters_name_the_parameter(make, pname):
 def test_get_method_lambda_alias():
     m = get_method("ties", density=0.3, **{"lambda": 0.7})
     assert isinstance(m, Ties) and m.lambda_ == 0.7 and m.density == 0.3
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, 1e-30, -1e30, 3.5]), min_size=1, max_size=50),
+       density=st.floats(0.0, 1.0))
+def test_topk_mask_equals_stable_sort_reference(values, density):
+    """Radix-select top-k keeps exactly the first ⌊d·n⌋ entries of a stable descending sort by |x|."""
+    x = torch.tensor(values, dtype=torch.float32)
+    k = int(density * x.numel())
+    want = torch.zeros(x.numel(), dtype=torch.bool)
+    if density >= 1.0:
+        want[:] = True
+    elif k > 0:
+        want[torch.sort(x.abs(), descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(topk_mask(x, density), want)

@@ -348,3 +348,52 @@ def test_lora_argument_errors(tmp_path):
     report = save_lora_adapter(iter([big, small]), tmp_path / "a", rank=1, min_rel_change=0.01)
     assert list(report) == ["big"] and report.skipped == ["small.weight"]
     assert siblings(tmp_path) == ["a"]
+
+
+# ------------------------------------------------------------------- streamed writes (known layout)
+
+def _layout_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(7, 5, generator=g),
+        "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(11),
+        "d.mask": torch.tensor([True, False, True]),
+        "e.weight": torch.randn(16, 16, generator=g).half(),
+    }
+
+
+def test_streamed_shards_equal_buffered(tmp_path):
+    """Header-first streaming writes the same tensors as save_file, loadable by safetensors/transformers."""
+    from safetensors.torch import load_file
+
+    from lightning_merge.targets.hf import save_safetensors_shards
+
+    tensors = _layout_tensors()
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    files = save_safetensors_shards(iter(tensors.items()), tmp_path / "s", max_shard_bytes=300, layout=layout)
+    assert len(files) >= 2 and (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(tmp_path / "s" / f))
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    single = save_safetensors_shards(iter(tensors.items()), tmp_path / "one", layout=layout)
+    assert single == ["model.safetensors"]
+    assert all(torch.equal(load_file(tmp_path / "one" / single[0])[k], v) for k, v in tensors.items())
+
+
+def test_streamed_write_rejects_a_stream_off_its_layout(tmp_path):
+    from lightning_merge.targets.hf import save_hf_folder
+
+    tensors = _layout_tensors()
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    swapped = list(tensors.items())
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(MergeError, match="layout"):
+        save_hf_folder(iter(swapped), tmp_path / "o", layout=layout)
+    with pytest.raises(MergeError, match="ended before"):
+        save_hf_folder(iter(list(tensors.items())[:-1]), tmp_path / "o", layout=layout)
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

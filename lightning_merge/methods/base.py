@@ -46,6 +46,8 @@ class TensorInputs:
             was given.
         tensors: one float32 tensor per expert that has this tensor (deltas or full weights,
             according to the method's ``space``); experts lacking it are left out (spec §9.2).
+            They belong to this call: a method may modify them in place (the engine never hands
+            out a source's own storage here). ``base`` must not be modified.
         experts: the global index of each entry of ``tensors`` (for seeding and per-expert values).
         weights: the per-expert weight w_t of each entry of ``tensors``.
         seed: the global seed.

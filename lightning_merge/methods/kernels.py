@@ -74,11 +74,11 @@ def topk_mask(x: Tensor, density: float) -> Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     bits = abs_bits(x).flatten()
     thr = kth_largest_bits(bits, k)
-    mask = bits > thr
-    need = k - int(torch.count_nonzero(mask))
-    if need > 0:
-        tied = torch.nonzero(bits == thr).flatten()[:need]
-        mask[tied] = True
+    mask = bits >= thr
+    excess = int(torch.count_nonzero(mask)) - k
+    if excess > 0:  # entries tied with the k-th largest: keep the first ones by index
+        tied = torch.nonzero(bits == thr).flatten()
+        mask[tied[tied.numel() - excess:]] = False
     return mask.view_as(x)
 
 
@@ -97,16 +97,19 @@ def threshold_mask(x: Tensor, density: float) -> Tensor:
     return (x.abs() >= thr).view_as(x)
 
 
-def elect_sign(stack: Tensor, weights: Tensor, zero_sign: ZeroSign = "positive") -> Tensor:
+def elect_sign(stack: Tensor | Sequence[Tensor], weights: Tensor | Sequence[float],
+               zero_sign: ZeroSign = "positive") -> Tensor:
     """The elected sign γ = sign(Σ_t w_t X_t), with S = 0 mapped to +1 (spec §1.3).
 
-    ``stack`` is [T, ...]; ``weights`` is [T]. With ``zero_sign="majority"`` an entry where S = 0
-    takes the sign of the sum of all elected signs of the tensor (official TIES's rule).
+    ``stack`` is a [T, ...] tensor or a sequence of T tensors; ``weights`` has T entries. With
+    ``zero_sign="majority"`` an entry where S = 0 takes the sign of the sum of all elected signs of
+    the tensor (official TIES's rule).
     """
-    total = torch.zeros_like(stack[0])
-    for t, w in enumerate(weights.tolist()):
-        total.add_(stack[t], alpha=w)
-    gamma = torch.where(total >= 0, 1.0, -1.0).to(stack.dtype)
+    w = weights.tolist() if isinstance(weights, Tensor) else [float(v) for v in weights]
+    total = torch.zeros_like(stack[0], dtype=torch.float32)
+    for t, wt in enumerate(w):
+        total.add_(stack[t], alpha=wt)
+    gamma = torch.where(total >= 0, 1.0, -1.0)
     if zero_sign == "majority":
         zero = total == 0
         if bool(zero.any()):
@@ -121,41 +124,45 @@ def agreement_mask(stack: Tensor, gamma: Tensor) -> Tensor:
 
 
 def elect_and_fuse(
-    x: Tensor,
-    weights: Tensor,
+    x: Tensor | Sequence[Tensor],
+    weights: Tensor | Sequence[float],
     *,
     election: Literal["weighted", "unweighted"] = "weighted",
     divisor: Literal["weights", "count"] = "weights",
     normalize: bool = True,
     zero_sign: ZeroSign = "positive",
 ) -> Tensor:
-    """Sign election and disjoint fuse over a [T, ...] stack of sparsified deltas (spec §1.3-1.4).
+    """Sign election and disjoint fuse over T sparsified deltas (spec §1.3-1.4).
 
         γ   = sign(Σ_t e_t X_t)  (S = 0 → +1, or the tensor's majority sign)
         A_t = [sign(e_t X_t) = γ]                     zeros are never elected
         Δ   = Σ_t A_t w_t X_t / Σ_t A_t w_t           (normalize; denominator 0 → 1)
         Δ   = Σ_t A_t w_t X_t                         (normalize=False: mergekit's elected sum)
 
-    with e_t = w_t (``election="weighted"``: mergekit, the spec) or 1 (``"unweighted"``: PEFT), and
-    with ``divisor="count"`` the denominator is Σ_t A_t (PEFT). Accumulates expert by expert, so
-    the only temporaries are a few tensors of one expert's size.
+    with e_t = w_t (``election="weighted"``: mergekit, the spec) or 1 (``"unweighted"``: PEFT);
+    with ``divisor="count"`` the denominator is Σ_t A_t (PEFT). ``x`` is a [T, ...] tensor or a
+    sequence of T tensors (left unchanged).
+
+    Computed expert by expert without masks: with s_t = sign(e_t), the elected part of X_t is
+    γ·s_t·max(γ·s_t·X_t, 0), and [γ·s_t·X_t > 0] = sign(max(γ·s_t·X_t, 0)); the only temporaries
+    are a few tensors of one expert's size.
     """
-    w = [float(v) for v in weights.tolist()]
+    w = weights.tolist() if isinstance(weights, Tensor) else [float(v) for v in weights]
     e = w if election == "weighted" else [1.0] * len(w)
-    gamma = elect_sign(x, torch.tensor(e, dtype=x.dtype, device=x.device), zero_sign)
-    positive = gamma > 0
-    num = torch.zeros_like(x[0])
-    den = torch.zeros_like(x[0])
-    for t in range(x.shape[0]):
+    gamma = elect_sign(x, e, zero_sign)
+    num = torch.zeros_like(gamma)
+    den = torch.zeros_like(gamma)
+    for t in range(len(w)):
         if e[t] == 0.0:
             continue  # sign(0 · X_t) = 0 is never elected
-        xt = x[t] if e[t] > 0 else -x[t]
-        agree = torch.where(positive, xt > 0, xt < 0)
-        num.add_(torch.where(agree, x[t], 0.0), alpha=w[t])
-        den.add_(agree.to(den.dtype), alpha=w[t] if divisor == "weights" else 1.0)
+        s = 1.0 if e[t] > 0 else -1.0
+        part = (x[t] * gamma).mul_(s).clamp_(min=0)  # |X_t| where elected, else 0
+        num.add_(part, alpha=w[t] * s)
+        den.add_(part.sign_(), alpha=w[t] if divisor == "weights" else 1.0)
+    num.mul_(gamma)
     if not normalize:
         return num
-    return num / torch.where(den == 0, 1.0, den)
+    return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
 def weighted_sum(stack: Tensor, weights: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, as_weights, elect_and_fuse, stack, threshold_mask, topk_mask
+from .kernels import ZeroSign, elect_and_fuse, threshold_mask, topk_mask
 
 TrimRule = Literal["exact_k", "official"]
 
@@ -75,13 +75,12 @@ class Ties(DeltaMethod):
                 keep = threshold_mask(d, density)
             else:
                 keep = topk_mask(d, density)
-            out.append(d * keep)
+            out.append(d.mul_(keep))  # inputs.tensors are the method's own (see TensorInputs)
         return out
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.trim(inputs))
         return elect_and_fuse(
-            x, as_weights(inputs.weights, x), election=self.election, divisor=self.divisor,
+            self.trim(inputs), inputs.weights, election=self.election, divisor=self.divisor,
             normalize=self.normalize, zero_sign=self.zero_sign,
         )
 

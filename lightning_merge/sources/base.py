@@ -38,6 +38,9 @@ class Source(ABC):
     label: str = "<source>"
     #: folder with config/tokenizer files for HF outputs, if any
     config_dir: str | None = None
+    #: True when ``get`` returns a new tensor on every call that nobody else holds (e.g. read from
+    #: a file), so the engine may compute in place on it; False when it may return shared storage
+    fresh_tensors: bool = False
 
     @abstractmethod
     def keys(self) -> list[str]: ...
@@ -118,6 +121,7 @@ class RenamedSource(Source):
         self.inner = inner
         self.mapping = dict(mapping)
         self.kind = inner.kind
+        self.fresh_tensors = inner.fresh_tensors
         self.label = inner.label
         self.config_dir = inner.config_dir
 

@@ -102,6 +102,8 @@ class SafetensorsFileSource(Source):
     file raises :class:`SourceError` naming the file. ``metadata`` holds the file's ``__metadata__``.
     """
 
+    fresh_tensors = True  # safe_open copies every tensor out of the file
+
     def __init__(self, path: PathLike, label: str | None = None):
         self.path = Path(path).expanduser()
         self.label = label or str(self.path)
@@ -361,6 +363,7 @@ class HFFolderSource(Source):
             src = _open_file(weights)
             self._files.append(src)
             self._where = {k: src for k in src.keys()}
+        self.fresh_tensors = all(f.fresh_tensors for f in self._files)
 
     def _open_index(self, index: Path) -> None:
         try:

@@ -114,6 +114,8 @@ class LoraAdapterSource(Source):
         modules: target weight name -> :class:`LoraModule`.
     """
 
+    fresh_tensors = True  # every delta is computed anew
+
     kind = "delta"
     config_dir = None
 

@@ -21,8 +21,9 @@ import os
 import re
 import secrets
 import shutil
+import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 TensorStream = Iterable[tuple[str, Tensor]]
+#: the tensors a stream will yield, in order: (name, shape, dtype)
+Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+_ST_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 SINGLE_FILE = "model.safetensors"
@@ -221,14 +229,83 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     return meta
 
 
+def _nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return _numel(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _plan_shards(layout: Layout, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]:
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
+    current: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+    size_now = 0
+    for name, shape, dtype in layout:
+        if dtype not in _ST_DTYPE:
+            raise ConfigError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+        size = _nbytes_of(shape, dtype)
+        if current and size_now + size > max_shard_bytes:
+            shards.append(current)
+            current, size_now = [], 0
+        current.append((name, tuple(int(d) for d in shape), dtype, size))
+        size_now += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_streamed_file(path: Path, entries, stream: Iterator[tuple[str, Tensor]], meta: dict[str, str]) -> None:
+    """Write one safetensors file whose header is known up front, taking tensor bytes from ``stream``.
+
+    The safetensors layout is an 8-byte little-endian header length, the JSON header (offsets of
+    every tensor, padded with spaces to 8 bytes) and the raw little-endian tensor bytes in offset
+    order; so with the names, shapes and dtypes known, each tensor is written the moment it exists
+    and nothing is buffered.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, shape, dtype, size in entries:
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if meta:
+        header["__metadata__"] = meta
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, _size in entries:
+            try:
+                got, t = next(stream)
+            except StopIteration:
+                raise MergeError(f"the tensor stream ended before '{name}' (expected by the output layout)") from None
+            if got != name or not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+                what = f"{type(t).__name__}" if not isinstance(t, Tensor) else f"{list(t.shape)} {t.dtype}"
+                raise MergeError(f"the tensor stream gave '{got}' ({what}) where the output layout expects "
+                                 f"'{name}' ({list(shape)} {dtype}); the stream must follow the layout's order")
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_safetensors_shards(
     tensors: TensorStream,
     directory: PathLike,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    layout: Layout | None = None,
 ) -> list[str]:
     """Stream ``(name, tensor)`` pairs into safetensors shards in ``directory``; return the file names.
+
+    With ``layout`` (every (name, shape, dtype) the stream will yield, in order, e.g. from the merge
+    plan), shard headers are written first and each tensor's bytes go to disk as soon as it
+    arrives: nothing is buffered. Without it, tensors are held until their shard is full.
 
     Shards hold at most ``max_shard_bytes`` of tensor data (a single larger tensor gets a shard of
     its own). One shard is written as ``model.safetensors``; more as
@@ -271,7 +348,21 @@ def save_safetensors_shards(
         pending, pending_bytes = {}, 0
 
     try:
-        for name, raw in tensors:
+        if layout is not None:
+            planned = _plan_shards(layout, max_shard_bytes)
+            stream = iter(tensors)
+            for entries in planned:
+                path = out / f".model-part-{len(provisional):05d}-{token}.safetensors.partial"
+                provisional.append(path)
+                _write_streamed_file(path, entries, stream, meta)
+                for name, _, _, size in entries:
+                    weight_map[name] = len(provisional) - 1
+                    total_bytes += size
+                total_params += sum(_numel(e[1]) for e in entries)
+            extra = next(stream, None)
+            if extra is not None:
+                raise MergeError(f"the tensor stream gave '{extra[0]}', which the output layout does not list")
+        for name, raw in () if layout is not None else tensors:
             t = _prepare(name, raw, names)
             size = _nbytes(t)
             if pending and pending_bytes + size > max_shard_bytes:
@@ -317,8 +408,12 @@ def save_state_dict_file(
     *,
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
+    layout: Layout | None = None,
 ) -> Path:
     """Write every ``(name, tensor)`` pair into one ``.safetensors`` file, atomically.
+
+    With ``layout`` (the stream's (name, shape, dtype) in order) the header is written first and
+    every tensor goes to disk as it arrives (no buffering).
 
     The file is written under a temporary sibling name and moved into place with ``os.replace``;
     if the stream raises, the temporary file is removed and ``path`` is untouched. Unlike
@@ -338,17 +433,28 @@ def save_state_dict_file(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     try:
+        if layout is not None:
+            entries = _plan_shards(layout, 1 << 62)
+            if not entries:
+                raise MergeError(f"the output layout for '{out}' is empty: nothing to save")
+            stream = iter(tensors)
+            _write_streamed_file(tmp, entries[0], stream, meta)
+            extra = next(stream, None)
+            if extra is not None:
+                raise MergeError(f"the tensor stream gave '{extra[0]}', which the output layout does not list")
+            tensors = ()
         collected: dict[str, Tensor] = {}
         names: set[str] = set()
         for name, raw in tensors:
             t = _prepare(name, raw, names)
             collected[name] = _unshare(collected, t)
-        if not collected:
-            raise MergeError(f"the tensor stream for '{out}' was empty: nothing to save; "
-                             "check that the merge plan selects at least one tensor")
-        save_file(collected, str(tmp), metadata=meta)
-        del collected
-        _fsync_file(tmp)
+        if layout is None:
+            if not collected:
+                raise MergeError(f"the tensor stream for '{out}' was empty: nothing to save; "
+                                 "check that the merge plan selects at least one tensor")
+            save_file(collected, str(tmp), metadata=meta)
+            del collected
+            _fsync_file(tmp)
         if out.exists() and not overwrite:
             raise OutputExistsError(f"output '{out}' appeared while the merge was being written; "
                                     "the result was discarded. Choose another path or pass overwrite=True")
@@ -469,8 +575,13 @@ def save_hf_folder(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
+    layout: Layout | None = None,
 ) -> Path:
     """Write a Hugging Face model folder (shards + config + tokenizer) atomically; return its path.
+
+    ``layout`` (the stream's (name, shape, dtype) in order) lets the shards be written as the
+    tensors arrive, with no buffering; it is ignored when the config ties an output head that the
+    stream carries (that head may have to be dropped, see :class:`_HfStream`).
 
     Tensors are streamed into shards (:func:`save_safetensors_shards`) inside a temporary sibling
     folder that becomes ``out_dir`` only when everything is written (:func:`atomic_output_dir`).
@@ -488,9 +599,12 @@ def save_hf_folder(
     check_output_dir(out, overwrite)
     cfg_dir = None if config_dir is None else Path(config_dir)
     config = _read_config(cfg_dir)
-    stream = _HfStream(tensors, tied=bool(config and config.get("tie_word_embeddings", False)))
+    tied = bool(config and config.get("tie_word_embeddings", False))
+    stream = _HfStream(tensors, tied=tied)
+    if layout is not None and tied and any(_TIED_HEAD.search(name) for name, _, _ in layout):
+        layout = None
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        save_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        save_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, metadata=metadata, layout=layout)
         if config is not None:
             if stream.dtype_numel:
                 ranked = stream.dtype_numel.most_common()

@@ -26,6 +26,7 @@ import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -59,11 +60,13 @@ class LoraExportReport(dict[str, float]):
 
     skipped: list[str]
     unsupported: list[str]
+    path: Path | None
 
     def __init__(self) -> None:
         super().__init__()
         self.skipped = []
         self.unsupported = []
+        self.path = None
 
 
 @dataclass
@@ -255,4 +258,5 @@ def save_lora_adapter(
     worst = max(report, key=report.__getitem__)
     log.info("saved LoRA adapter '%s': %d modules at rank %d, relative error mean %.3g, max %.3g ('%s')",
              out_dir, len(report), rank, sum(report.values()) / len(report), report[worst], worst)
+    report.path = Path(out_dir)
     return report

@@ -304,6 +304,8 @@ def _copy(plan: MergePlan, task: TensorTask) -> Tensor:
 # ----------------------------------------------------------------------------------------- running
 
 Gather = Callable[[Any], list[Any]]
+#: read the next tensor while merging the current one unless both have more elements than this
+PREFETCH_MAX_OVERLAP = 8 * 1024 * 1024
 
 
 def compute_statistics(plan: MergePlan, names: Sequence[str] | None = None, gather: Gather | None = None) -> Any:
@@ -372,9 +374,13 @@ def run_plan(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
         future = pool.submit(prefetch, tasks[0]) if tasks else None
         for k, task in enumerate(tasks):
-            inputs = future.result()  # type: ignore[union-attr]
-            future = pool.submit(prefetch, tasks[k + 1]) if k + 1 < len(tasks) else None
+            inputs = future.result() if future is not None else prefetch(task)
+            nxt = tasks[k + 1] if k + 1 < len(tasks) else None
+            # read ahead, unless that would hold two large tensors' inputs at once (memory)
+            overlap = nxt is not None and min(task.numel, nxt.numel) <= PREFETCH_MAX_OVERLAP
+            future = pool.submit(prefetch, nxt) if overlap else None
             yield task.name, merge_task(plan, task, inputs)
+            del inputs
             if bar is not None:
                 bar.update(1)
     if bar is not None:

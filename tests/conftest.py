@@ -23,8 +23,9 @@ def vectors() -> dict:
     return json.loads(LOCAL.read_text())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tau_inputs(vectors):
+    """Fresh tensors for every test: methods own their inputs and may overwrite them."""
     base = torch.tensor(vectors["inputs"]["base"], dtype=torch.float32)
     taus = [torch.tensor(t, dtype=torch.float32) for t in vectors["inputs"]["tau"]]
     return base, taus

@@ -26,7 +26,7 @@ from lightning_merge.sources import StateDictSource
 Q = "model.layers.{}.self_attn.q_proj.weight"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def layers(tau_inputs):
     """§11.6: m1 = (τ1, 0.5τ2), m2 = (τ2, τ3), m3 = (τ3, 2τ1), as 2×3 matrices; [expert][layer]."""
     _, (t1, t2, t3) = tau_inputs

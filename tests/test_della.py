@@ -155,7 +155,11 @@ def test_apply_other_rescales(tau_inputs):
 def test_della_merge_is_the_composition(tau_inputs):
     """Della.merge = MagPrune with inputs.generator(i), elect, disjoint mean, λ."""
     base, taus = tau_inputs
-    inputs = TensorInputs("w", base, list(taus), [0, 1, 2], [1.0, 1.0, 1.0], seed=11)
+
+    def fresh(seed: int) -> TensorInputs:  # a method owns (and may overwrite) its input tensors
+        return TensorInputs("w", base, [t.clone() for t in taus], [0, 1, 2], [1.0, 1.0, 1.0], seed=seed)
+
+    inputs = fresh(11)
     method = Della(density=0.5, epsilon=0.2, lambda_=1.1)
     got = method.merge(inputs)
     dropped = []
@@ -165,19 +169,22 @@ def test_della_merge_is_the_composition(tau_inputs):
     x = stack(dropped)
     expected = base + 1.1 * elect_and_fuse(x, as_weights(inputs.weights, x))
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(method.merge(inputs), got)  # deterministic per seed
-    other = method.merge(TensorInputs("w", base, list(taus), [0, 1, 2], [1.0] * 3, seed=12))
+    torch.testing.assert_close(method.merge(fresh(11)), got)  # deterministic per seed
+    other = method.merge(fresh(12))
     assert not torch.equal(other, got)
 
 
 def test_della_linear_is_weighted_sum(tau_inputs):
     base, taus = tau_inputs
     w = [1.0, 2.0, 0.5]
-    inputs = TensorInputs("w", base, list(taus), [0, 1, 2], w, seed=5)
+    def fresh() -> TensorInputs:  # a method owns (and may overwrite) its input tensors
+        return TensorInputs("w", base, [t.clone() for t in taus], [0, 1, 2], w, seed=5)
+
+    inputs = fresh()
     dropped = [magprune(t, 0.6, 0.2, inputs.generator(i)) for i, t in enumerate(taus)]
     got = DellaLinear(density=0.6, epsilon=0.2, lambda_=0.5).merge(inputs)
     torch.testing.assert_close(got, base + 0.5 * sum(wi * d for wi, d in zip(w, dropped, strict=True)))
-    got_n = DellaLinear(density=0.6, epsilon=0.2, normalize=True).merge(inputs)
+    got_n = DellaLinear(density=0.6, epsilon=0.2, normalize=True).merge(fresh())
     torch.testing.assert_close(got_n, base + sum(wi * d for wi, d in zip(w, dropped, strict=True)) / 3.5)
 
 

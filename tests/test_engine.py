@@ -230,3 +230,26 @@ def test_tied_lm_head_in_module_base_merged_once(three):
     assert net.lm_head.weight is net.embed.weight
     want = base["embed.weight"] + sum(e["embed.weight"] - base["embed.weight"] for e in experts)
     torch.testing.assert_close(net.embed.weight.detach(), want)
+
+
+@pytest.mark.parametrize("method", [Ties(density=0.4, trim_scope="global"), DareTies(density=0.5)])
+def test_file_sources_are_never_written_through(three, tmp_path, method):
+    """safetensors returns views of a private memory map: a method working in place must not change
+    what later reads (statistics passes, a second merge) see. Same result as from state dicts."""
+    from safetensors.torch import save_file
+
+    from lightning_merge.sources import SafetensorsFileSource
+
+    base, experts = three
+    save_file(base, tmp_path / "base.safetensors")
+    for i, e in enumerate(experts):
+        save_file(e, tmp_path / f"e{i}.safetensors")
+    b = SafetensorsFileSource(tmp_path / "base.safetensors")
+    es = [SafetensorsFileSource(tmp_path / f"e{i}.safetensors") for i in range(3)]
+    first = dict(run_plan(build_plan(b, es, method, seed=1)))
+    second = dict(run_plan(build_plan(b, es, method, seed=1)))
+    ref = dict(run_plan(build_plan(*srcs(base, experts), method, seed=1)))
+    for k in first:
+        assert torch.equal(first[k], second[k]) and torch.equal(first[k], ref[k]), k
+    for i, e in enumerate(experts):
+        assert all(torch.equal(es[i].get(k), v) for k, v in e.items())

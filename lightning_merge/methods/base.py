@@ -160,7 +160,8 @@ class DeltaMethod(MergeMethod):
             raise ConfigError(f"{self.name} needs a base model to compute task vectors; pass base=...")
         if not inputs.tensors:
             return inputs.base.clone()
-        return inputs.base + self.lambda_ * self.combine(inputs)
+        # combine() returns a new tensor or one of the method's own inputs: finish it in place
+        return self.combine(inputs).mul_(self.lambda_).add_(inputs.base)
 
 
 # ----------------------------------------------------------------------------------------- registry

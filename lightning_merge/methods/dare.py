@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
@@ -29,7 +30,7 @@ from .kernels import (
     as_weights,
     bernoulli_keep,
     elect_and_fuse,
-    norm_rescale,
+    rescale_to_norm,
     stack,
     topk_mask,
     weighted_mean,
@@ -39,16 +40,27 @@ from .kernels import (
 RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
 
 
-def dare_drop(delta: Tensor, density: float, gen, rescale: RescaleMode = "inverse_prob") -> Tensor:
-    """One DARE draw: keep each entry with probability ``density`` and rescale."""
+def dare_drop(
+    delta: Tensor, density: float, gen, rescale: RescaleMode = "inverse_prob", *, inplace: bool = False
+) -> Tensor:
+    """One DARE draw: keep each entry with probability ``density`` and rescale.
+
+    ``inplace=True`` overwrites ``delta`` (saving a tensor-sized copy) unless a norm-matching
+    ``rescale`` needs the original norm, which is then computed first.
+    """
     if density >= 1.0:
         return delta
     if density <= 0.0:
-        return delta.new_zeros(delta.shape)
-    kept = delta * bernoulli_keep(density, delta, gen)
+        return delta.zero_() if inplace else delta.new_zeros(delta.shape)
+    keep = bernoulli_keep(density, delta, gen)
     if rescale == "inverse_prob":
-        return kept / density
-    return norm_rescale(kept, delta, rescale)
+        return delta.mul_(keep).div_(density) if inplace else delta * keep / density
+    if rescale == "none":
+        return delta.mul_(keep) if inplace else delta * keep
+    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[rescale]
+    original = torch.linalg.vector_norm(delta.flatten(), ord=ord_)
+    kept = delta.mul_(keep) if inplace else delta * keep
+    return rescale_to_norm(kept, original, rescale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +77,7 @@ class _Dare(DeltaMethod):
 
     def dropped(self, inputs: TensorInputs) -> list[Tensor]:
         return [
-            dare_drop(d, inputs.per_expert(self.density, i), inputs.generator(i), self.rescale)
+            dare_drop(d, inputs.per_expert(self.density, i), inputs.generator(i), self.rescale, inplace=True)
             for i, d in enumerate(inputs.tensors)
         ]
 

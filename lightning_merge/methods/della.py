@@ -59,6 +59,7 @@ from .kernels import (
     bernoulli_keep,
     elect_and_fuse,
     norm_rescale,
+    rescale_to_norm,
     stack,
     weighted_mean,
     weighted_sum,
@@ -149,14 +150,29 @@ def magprune(
     rank_scope: RankScope = "row",
     prob_formula: ProbFormula = "code",
     rescale: RescaleMode = "inverse_prob",
+    inplace: bool = False,
 ) -> Tensor:
-    """One MagPrune draw (spec §5.2) with generator ``gen``. ``density >= 1`` returns ``delta``."""
+    """One MagPrune draw (spec §5.2) with generator ``gen``. ``density >= 1`` returns ``delta``.
+
+    ``inplace=True`` overwrites ``delta`` instead of allocating the result (same values as
+    :func:`magprune_apply`).
+    """
     if density >= 1.0:
         return delta
     if density <= 0.0:
-        return delta.new_zeros(delta.shape)
+        return delta.zero_() if inplace else delta.new_zeros(delta.shape)
     q = magprune_keep_prob(delta, density, epsilon, rank_scope, prob_formula)
-    return magprune_apply(delta, bernoulli_keep(q, delta, gen), q, rescale)
+    keep = bernoulli_keep(q, delta, gen)
+    if not inplace:
+        return magprune_apply(delta, keep, q, rescale)
+    if rescale == "inverse_prob":
+        return delta.mul_(q.reciprocal_().mul_(keep))
+    if rescale == "none":
+        return delta.mul_(keep)
+    del q
+    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[rescale]
+    original = torch.linalg.vector_norm(delta.flatten(), ord=ord_)
+    return rescale_to_norm(delta.mul_(keep), original, rescale)
 
 
 def check_window(method: str, density: PerExpert, epsilon: PerExpert) -> None:
@@ -216,7 +232,7 @@ class _MagPrune(DeltaMethod):
             magprune(
                 d, inputs.per_expert(self.density, i), inputs.per_expert(self.epsilon, i),
                 inputs.generator(i), rank_scope=self.rank_scope, prob_formula=self.prob_formula,
-                rescale=self.rescale,
+                rescale=self.rescale, inplace=True,
             )
             for i, d in enumerate(inputs.tensors)
         ]

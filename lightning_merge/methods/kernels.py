@@ -106,16 +106,14 @@ def elect_sign(stack: Tensor | Sequence[Tensor], weights: Tensor | Sequence[floa
     the tensor (official TIES's rule).
     """
     w = weights.tolist() if isinstance(weights, Tensor) else [float(v) for v in weights]
-    total = torch.zeros_like(stack[0], dtype=torch.float32)
+    gamma = torch.zeros_like(stack[0], dtype=torch.float32)
     for t, wt in enumerate(w):
-        total.add_(stack[t], alpha=wt)
-    gamma = torch.where(total >= 0, 1.0, -1.0)
+        gamma.add_(stack[t], alpha=wt)
+    gamma.sign_()  # the mass S becomes its sign in place; S = 0 stays 0 until the zero rule below
+    fill = 1.0
     if zero_sign == "majority":
-        zero = total == 0
-        if bool(zero.any()):
-            majority = 1.0 if float(torch.sign(total).sum()) >= 0 else -1.0
-            gamma = torch.where(zero, torch.full_like(gamma, majority), gamma)
-    return gamma
+        fill = 1.0 if float(gamma.sum()) >= 0 else -1.0
+    return gamma.masked_fill_(gamma == 0, fill)
 
 
 def agreement_mask(stack: Tensor, gamma: Tensor) -> Tensor:
@@ -152,11 +150,12 @@ def elect_and_fuse(
     gamma = elect_sign(x, e, zero_sign)
     num = torch.zeros_like(gamma)
     den = torch.zeros_like(gamma)
+    part = torch.empty_like(gamma)
     for t in range(len(w)):
         if e[t] == 0.0:
             continue  # sign(0 · X_t) = 0 is never elected
         s = 1.0 if e[t] > 0 else -1.0
-        part = (x[t] * gamma).mul_(s).clamp_(min=0)  # |X_t| where elected, else 0
+        torch.mul(x[t], gamma, out=part).mul_(s).clamp_(min=0)  # |X_t| where elected, else 0
         num.add_(part, alpha=w[t] * s)
         den.add_(part.sign_(), alpha=w[t] if divisor == "weights" else 1.0)
     num.mul_(gamma)
@@ -185,11 +184,17 @@ def norm_rescale(kept: Tensor, original: Tensor, mode: RescaleMode) -> Tensor:
     if mode in ("inverse_prob", "none"):
         return kept
     ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[mode]
-    n_orig = torch.linalg.vector_norm(original.flatten(), ord=ord_)
-    n_kept = torch.linalg.vector_norm(kept.flatten(), ord=ord_)
-    if float(n_orig) < 1e-7 or float(n_kept) < 1e-7:
+    return rescale_to_norm(kept, torch.linalg.vector_norm(original.flatten(), ord=ord_), mode)
+
+
+def rescale_to_norm(kept: Tensor, target: Tensor | float, mode: RescaleMode) -> Tensor:
+    """Scale ``kept`` in place so that its ``mode`` norm becomes ``target`` (guard: norms < 1e-7)."""
+    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[mode]
+    n_kept = float(torch.linalg.vector_norm(kept.flatten(), ord=ord_))
+    target = float(target)
+    if target < 1e-7 or n_kept < 1e-7:
         return kept
-    return kept * (n_orig / n_kept)
+    return kept.mul_(target / n_kept)
 
 
 def bernoulli_keep(keep_prob: Tensor | float, like: Tensor, gen: torch.Generator) -> Tensor:

@@ -102,7 +102,9 @@ class SafetensorsFileSource(Source):
     file raises :class:`SourceError` naming the file. ``metadata`` holds the file's ``__metadata__``.
     """
 
-    fresh_tensors = True  # safe_open copies every tensor out of the file
+    # safetensors >= 0.5 returns views of a private memory map: writing into one would change what
+    # later reads of the same open file return, so the engine must never compute in place on them
+    fresh_tensors = False
 
     def __init__(self, path: PathLike, label: str | None = None):
         self.path = Path(path).expanduser()

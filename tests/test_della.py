@@ -250,9 +250,11 @@ def test_density_one_is_identity(tau_inputs):
     base, taus = tau_inputs
     assert magprune(taus[0], 1.0, 0.6, _gen(0)) is taus[0]
     assert bool((magprune_keep_prob(taus[0], 1.0, 0.6) == 1).all())
-    inputs = TensorInputs("w", base, [taus[1]], [0], [1.0], seed=1)
-    torch.testing.assert_close(Della(density=1.0, epsilon=0.9).merge(inputs), base + taus[1])
-    torch.testing.assert_close(DellaLinear(density=1.0).merge(inputs), base + taus[1])
+    def inputs() -> TensorInputs:  # methods own (and may overwrite) their input tensors
+        return TensorInputs("w", base, [taus[1].clone()], [0], [1.0], seed=1)
+
+    torch.testing.assert_close(Della(density=1.0, epsilon=0.9).merge(inputs()), base + taus[1])
+    torch.testing.assert_close(DellaLinear(density=1.0).merge(inputs()), base + taus[1])
 
 
 def test_row_of_length_one():
@@ -287,7 +289,7 @@ def test_per_expert_density_and_epsilon(tau_inputs):
     m.check_experts(2)
     with pytest.raises(ConfigError, match="density"):
         m.check_experts(3)
-    inputs = TensorInputs("w", base, [taus[0]], [0], [1.0], n_experts=2)
+    inputs = TensorInputs("w", base, [taus[0].clone()], [0], [1.0], n_experts=2)
     torch.testing.assert_close(m.merge(inputs), base + taus[0])  # expert 0: density 1 → identity
 
 

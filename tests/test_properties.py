@@ -118,5 +118,6 @@ def test_bf16_base_keeps_bf16():
 def test_inputs_direct_call_matches_engine():
     base, deltas = tensors((3, 4), 0, 3)
     m = get_method("ties", density=0.5)
-    direct = m.merge(TensorInputs("model.layers.0.self_attn.q_proj.weight", base, deltas, [0, 1, 2], [1, 1, 1]))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    direct = m.merge(TensorInputs(name, base, [d.clone() for d in deltas], [0, 1, 2], [1, 1, 1]))
     torch.testing.assert_close(direct, run("ties", {"density": 0.5}, base, deltas))

@@ -61,7 +61,7 @@ from .base import (
     check_range,
     register,
 )
-from .kernels import ZeroSign, as_weights, bernoulli_keep, elect_and_fuse, stack, topk_mask
+from .kernels import ZeroSign, bernoulli_keep, elect_and_fuse, topk_mask
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,12 @@ def merge_with_masks(
 
     ``weights`` default to 1. λ is not applied here.
     """
-    x = stack([d * m.to(d.dtype) for d, m in zip(deltas, keep_masks, strict=True)])
-    w = as_weights([1.0] * len(deltas) if weights is None else list(weights), x)
     p_min = min(float(p) for p in drop_rates)
     if p_min >= 1.0:
-        return torch.zeros_like(x[0])
-    return elect_and_fuse(x, w, zero_sign=zero_sign) / (1.0 - p_min)
+        return torch.zeros_like(deltas[0])
+    x = [d * m.to(d.dtype) for d, m in zip(deltas, keep_masks, strict=True)]
+    w = [1.0] * len(deltas) if weights is None else [float(v) for v in weights]
+    return elect_and_fuse(x, w, zero_sign=zero_sign, consume=True).div_(1.0 - p_min)
 
 
 # ------------------------------------------------------------------------------------- statistics

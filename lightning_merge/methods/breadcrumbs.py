@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, as_weights, elect_and_fuse, norm_rescale, stack, weighted_mean, weighted_sum
+from .kernels import ZeroSign, elect_and_fuse, norm_rescale, weighted_mean, weighted_sum
 
 NormRescale = Literal["none", "l1", "l2", "linf"]
 
@@ -103,9 +103,8 @@ class Breadcrumbs(_Breadcrumbs):
     name = "breadcrumbs"
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.pruned(inputs))
-        w = as_weights(inputs.weights, x)
-        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+        x = self.pruned(inputs)
+        return weighted_mean(x, inputs.weights) if self.normalize else weighted_sum(x, inputs.weights)
 
 
 @register
@@ -126,9 +125,8 @@ class BreadcrumbsTies(_Breadcrumbs):
         check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.pruned(inputs))
-        return elect_and_fuse(x, as_weights(inputs.weights, x), normalize=self.normalize,
-                              zero_sign=self.zero_sign)
+        return elect_and_fuse(self.pruned(inputs), inputs.weights, normalize=self.normalize,
+                              zero_sign=self.zero_sign, consume=True)
 
 
 __all__ = ["Breadcrumbs", "BreadcrumbsTies", "breadcrumbs_mask", "breadcrumbs_prune"]

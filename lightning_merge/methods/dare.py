@@ -27,11 +27,9 @@ from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_rang
 from .kernels import (
     RescaleMode,
     ZeroSign,
-    as_weights,
     bernoulli_keep,
     elect_and_fuse,
     rescale_to_norm,
-    stack,
     topk_mask,
     weighted_mean,
     weighted_sum,
@@ -91,9 +89,8 @@ class DareLinear(_Dare):
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.dropped(inputs))
-        w = as_weights(inputs.weights, x)
-        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+        x = self.dropped(inputs)
+        return weighted_mean(x, inputs.weights) if self.normalize else weighted_sum(x, inputs.weights)
 
 
 @register
@@ -116,10 +113,9 @@ class DareTies(_Dare):
     def combine(self, inputs: TensorInputs) -> Tensor:
         dropped = self.dropped(inputs)
         if self.extra_trim_density is not None:
-            dropped = [d * topk_mask(d, self.extra_trim_density) for d in dropped]
-        x = stack(dropped)
-        return elect_and_fuse(x, as_weights(inputs.weights, x), normalize=self.normalize,
-                              zero_sign=self.zero_sign)
+            dropped = [d.mul_(topk_mask(d, self.extra_trim_density)) for d in dropped]
+        return elect_and_fuse(dropped, inputs.weights, normalize=self.normalize, zero_sign=self.zero_sign,
+                              consume=True)
 
 
 __all__ = ["DareLinear", "DareTies", "dare_drop"]

@@ -55,12 +55,10 @@ from .kernels import (
     RescaleMode,
     ZeroSign,
     abs_bits,
-    as_weights,
     bernoulli_keep,
     elect_and_fuse,
     norm_rescale,
     rescale_to_norm,
-    stack,
     weighted_mean,
     weighted_sum,
 )
@@ -259,7 +257,7 @@ class Della(_MagPrune):
 
     def combine(self, inputs: TensorInputs) -> Tensor:
         return elect_and_fuse(self.dropped(inputs), inputs.weights, normalize=self.normalize,
-                              zero_sign=self.zero_sign)
+                              zero_sign=self.zero_sign, consume=True)
 
 
 @register
@@ -271,9 +269,8 @@ class DellaLinear(_MagPrune):
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.dropped(inputs))
-        w = as_weights(inputs.weights, x)
-        return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+        x = self.dropped(inputs)
+        return weighted_mean(x, inputs.weights) if self.normalize else weighted_sum(x, inputs.weights)
 
 
 __all__ = [

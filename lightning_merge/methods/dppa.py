@@ -56,7 +56,7 @@ from torch import Tensor
 from ..errors import ConfigError, MergeError
 from .adaptive_rms import split_block_name
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, as_weights, elect_and_fuse, stack, weighted_sum
+from .kernels import ZeroSign, elect_and_fuse, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +381,10 @@ class DPPA(DeltaMethod):
         return out
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(self.amplified(inputs))
-        w = as_weights(inputs.weights, x)
+        x = self.amplified(inputs)
         if self.combination == "ties":
-            return elect_and_fuse(x, w, zero_sign=self.zero_sign)
-        return weighted_sum(x, w)
+            return elect_and_fuse(x, inputs.weights, zero_sign=self.zero_sign, consume=True)
+        return weighted_sum(x, inputs.weights)
 
 
 __all__ = [

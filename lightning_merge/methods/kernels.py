@@ -129,6 +129,7 @@ def elect_and_fuse(
     divisor: Literal["weights", "count"] = "weights",
     normalize: bool = True,
     zero_sign: ZeroSign = "positive",
+    consume: bool = False,
 ) -> Tensor:
     """Sign election and disjoint fuse over T sparsified deltas (spec §1.3-1.4).
 
@@ -139,7 +140,8 @@ def elect_and_fuse(
 
     with e_t = w_t (``election="weighted"``: mergekit, the spec) or 1 (``"unweighted"``: PEFT);
     with ``divisor="count"`` the denominator is Σ_t A_t (PEFT). ``x`` is a [T, ...] tensor or a
-    sequence of T tensors (left unchanged).
+    sequence of T tensors, left unchanged unless ``consume=True`` (then it is overwritten, which
+    saves one tensor-sized buffer).
 
     Computed expert by expert without masks: with s_t = sign(e_t), the elected part of X_t is
     γ·s_t·max(γ·s_t·X_t, 0), and [γ·s_t·X_t > 0] = sign(max(γ·s_t·X_t, 0)); the only temporaries
@@ -149,30 +151,37 @@ def elect_and_fuse(
     e = w if election == "weighted" else [1.0] * len(w)
     gamma = elect_sign(x, e, zero_sign)
     num = torch.zeros_like(gamma)
-    den = torch.zeros_like(gamma)
-    part = torch.empty_like(gamma)
+    den = torch.zeros_like(gamma) if normalize else None
+    buffer = None if consume else torch.empty_like(gamma)
     for t in range(len(w)):
         if e[t] == 0.0:
             continue  # sign(0 · X_t) = 0 is never elected
         s = 1.0 if e[t] > 0 else -1.0
-        torch.mul(x[t], gamma, out=part).mul_(s).clamp_(min=0)  # |X_t| where elected, else 0
+        part = x[t].mul_(gamma) if consume else torch.mul(x[t], gamma, out=buffer)
+        part.mul_(s).clamp_(min=0)  # |X_t| where elected, else 0
         num.add_(part, alpha=w[t] * s)
-        den.add_(part.sign_(), alpha=w[t] if divisor == "weights" else 1.0)
+        if den is not None:
+            den.add_(part.sign_(), alpha=w[t] if divisor == "weights" else 1.0)
     num.mul_(gamma)
-    if not normalize:
+    if den is None:
         return num
     return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
-def weighted_sum(stack: Tensor, weights: Tensor) -> Tensor:
-    """Δ = Σ_t w_t X_t."""
-    return (stack * _bcast(weights, stack)).sum(0)
+def weighted_sum(x: Tensor | Sequence[Tensor], weights: Tensor | Sequence[float]) -> Tensor:
+    """Δ = Σ_t w_t X_t, accumulated expert by expert (``x``: a [T, ...] tensor or T tensors)."""
+    w = weights.tolist() if isinstance(weights, Tensor) else [float(v) for v in weights]
+    total = torch.zeros_like(x[0], dtype=torch.float32)
+    for t, wt in enumerate(w):
+        total.add_(x[t], alpha=wt)
+    return total
 
 
-def weighted_mean(stack: Tensor, weights: Tensor) -> Tensor:
+def weighted_mean(x: Tensor | Sequence[Tensor], weights: Tensor | Sequence[float]) -> Tensor:
     """Δ = Σ_t w_t X_t / Σ_t w_t, with |Σ w| < 1e-8 replaced by 1 (mergekit's guard, spec §9.7)."""
-    total = float(weights.sum())
-    return weighted_sum(stack, weights) / (1.0 if abs(total) < 1e-8 else total)
+    w = weights.tolist() if isinstance(weights, Tensor) else [float(v) for v in weights]
+    total = sum(w)
+    return weighted_sum(x, w).div_(1.0 if abs(total) < 1e-8 else total)
 
 
 def norm_rescale(kept: Tensor, original: Tensor, mode: RescaleMode) -> Tensor:

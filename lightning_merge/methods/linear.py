@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .base import DeltaMethod, MergeMethod, TensorInputs, register
-from .kernels import as_weights, stack, weighted_mean, weighted_sum
+from .kernels import weighted_mean, weighted_sum
 
 
 @register
@@ -36,8 +36,7 @@ class Linear(MergeMethod):
             if inputs.base is None:
                 raise ValueError(f"linear: no model has tensor '{inputs.name}'")
             return inputs.base.clone()
-        x = stack(inputs.tensors)
-        w = as_weights(inputs.weights, x)
+        x, w = inputs.tensors, inputs.weights
         return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
 
 
@@ -55,6 +54,5 @@ class TaskArithmetic(DeltaMethod):
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        x = stack(inputs.tensors)
-        w = as_weights(inputs.weights, x)
+        x, w = inputs.tensors, inputs.weights
         return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)

@@ -81,7 +81,7 @@ class Ties(DeltaMethod):
     def combine(self, inputs: TensorInputs) -> Tensor:
         return elect_and_fuse(
             self.trim(inputs), inputs.weights, election=self.election, divisor=self.divisor,
-            normalize=self.normalize, zero_sign=self.zero_sign,
+            normalize=self.normalize, zero_sign=self.zero_sign, consume=True,
         )
 
     # ---- global trim: exact k-th largest |δ| per expert over the whole model, in two passes

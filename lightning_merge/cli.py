@@ -134,9 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pkg_log = logging.getLogger("lightning_merge")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
-    old_level = pkg_log.level
+    old_level, old_propagate = pkg_log.level, pkg_log.propagate
     pkg_log.addHandler(handler)
     pkg_log.setLevel(logging.INFO)
+    pkg_log.propagate = False  # this handler reports; an application's root handler would repeat it
     try:
         return _merge(args)
     except MergeError as e:
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         pkg_log.removeHandler(handler)
         pkg_log.setLevel(old_level)
+        pkg_log.propagate = old_propagate
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,6 +111,40 @@ def tied_aliases(base: Source) -> dict[str, str]:
     return aliases
 
 
+#: config.json fields that must agree between the base and a full-model expert
+ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "d_model")
+
+
+def _config(src: Source) -> dict | None:
+    cfg_dir = getattr(src, "config_dir", None)
+    if not cfg_dir:
+        return None
+    path = Path(cfg_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_same_architecture(base: Source, expert: Source) -> None:
+    """Refuse an expert whose config.json describes another architecture than the base's.
+
+    Compares :data:`ARCHITECTURE_FIELDS` where both folders have a config (the vocabulary size may
+    differ: see ``vocab_policy``). Tensor shapes are checked separately, for every source.
+    """
+    a, b = _config(base), _config(expert)
+    if not a or not b:
+        return
+    diff = {k: (a[k], b[k]) for k in ARCHITECTURE_FIELDS if k in a and k in b and a[k] != b[k]}
+    if diff:
+        detail = ", ".join(f"{k}: base {x!r} vs expert {y!r}" for k, (x, y) in diff.items())
+        raise IncompatibleTensorError(
+            f"{expert.label}: its config.json describes another architecture than the base "
+            f"{base.label} ({detail}); experts must be fine-tunes of the base model"
+        )
+
+
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
     """Append rows equal to the mean of ``t``'s rows up to ``rows`` (MergeLM's new-token init)."""
     if t.shape[0] >= rows:
@@ -160,6 +194,7 @@ def build_plan(
     if base is not None:
         for e in aligned:
             e.validate_against(base)
+            check_same_architecture(base, e)
 
     expert_keys = [set(e.keys()) for e in aligned]
     base_keys = set(base.keys()) if base is not None else set()

@@ -301,3 +301,17 @@ def test_not_a_checkpoint_and_unsafe_pickle(tmp_path):
 
 class _Custom:
     """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_expert_of_another_architecture_is_refused_before_output(tmp_path):
+    """A 3-layer expert against a 2-layer base: one clear error naming both folders, no output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_merge import IncompatibleTensorError, TaskArithmetic, merge_models
+
+    cfg = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **cfg)).save_pretrained(tmp_path / "base")
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **cfg)).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(IncompatibleTensorError, match=r"deeper.*num_hidden_layers: base 2 vs expert 3"):
+        merge_models(tmp_path / "base", [tmp_path / "deeper"], TaskArithmetic(), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

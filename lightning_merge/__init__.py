@@ -22,6 +22,17 @@ from .methods import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the Lightning layer is imported on first use, so the core and the CLI do not pay for lightning
+    if name == "MergeCallback":
+        from .lightning import MergeCallback
+
+        return MergeCallback
+    raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
+
+
 __all__ = [
     "DPPA",
     "AdaptiveRMS",
@@ -35,6 +46,7 @@ __all__ = [
     "IncompatibleTensorError",
     "Linear",
     "MergeError",
+    "MergeCallback",
     "MergeMethod",
     "ModelStock",
     "SourceError",

@@ -1,0 +1,823 @@
+"""``MergeCallback``: merge experts into a LightningModule when a Trainer call starts.
+
+When it runs. Lightning 2.6 ``Trainer._run`` calls, in this order: callback and module ``setup``
+-> ``configure_model`` -> restore the module and the callbacks from ``ckpt_path`` (after the
+strategy's setup instead when ``strategy.restore_checkpoint_after_setup``: FSDP, DeepSpeed,
+ModelParallel) -> ``strategy.setup`` (moves and wraps the model) -> ``on_fit_start``. The merge runs
+in :meth:`MergeCallback.setup`, on the unwrapped CPU module, so
+
+* weights restored from a checkpoint always replace merged weights (restoring comes later);
+* DDP wraps an already merged model; FSDP / DeepSpeed shard it afterwards. A model that does not
+  exist yet or is not materialized at ``setup`` (created in ``configure_model``, on the meta
+  device, ZeRO-3 partitioned, DTensor-sharded) is refused with :class:`MergeSetupError`.
+
+Resume. The checkpoint path of the running call is a local variable of ``Trainer._run`` at
+``setup`` time: ``trainer.ckpt_path`` is only set later (``_CheckpointConnector.resume_start``),
+so until then it holds the previous call's path. The callback reads that local from the caller's
+frame (read-only; if a Lightning version hides it, the callback merges and the restored weights
+still win) and peeks at the checkpoint's ``callbacks`` entry (``torch.load(mmap=True,
+weights_only=True)``, no tensor data read). A checkpoint holding this callback's state with
+``merged=True`` and the same configuration hash skips the merge.
+
+Ranks. The plan's tensors are split into ``world_size`` shares balanced by size
+(:func:`split_tasks`); each rank merges its share (statistics passes are combined with
+``all_gather_object``), then every share is broadcast from its owner in byte buckets, so each rank
+ends with the same tensors as a one-process merge with the same seed on the same device type.
+Without an initialized ``torch.distributed`` group each rank merges everything (same result).
+A failure on one rank is reported on every rank (no rank waits forever in a collective).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from ..engine import (
+    PREFETCH_MAX_OVERLAP,
+    MergePlan,
+    TensorTask,
+    VocabPolicy,
+    build_plan,
+    compute_statistics,
+    load_inputs,
+    merge_task,
+)
+from ..errors import ConfigError, MergeError, SourceError
+from ..methods.adaptive_rms import AdaptiveRMS, split_block_name
+from ..methods.base import MergeMethod, TensorInputs, check_weights, get_method
+from ..methods.dppa import DPPA
+from ..sources.base import ModuleSource, Source, align
+from ..sources.resolve import open_source
+from ..targets.module import WeightBackup
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["fit", "validate", "test", "predict"]
+STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
+#: largest broadcast buffer when sharing merged tensors between ranks
+BUCKET_BYTES = 128 * 1024 * 1024
+#: entries per tensor (evenly strided) sampled for the sign-conflict rate
+CONFLICT_SAMPLES = 1 << 16
+_ALIGN = 16
+
+
+def _enable_method_class_paths() -> None:
+    """Let jsonargparse / LightningCLI take ``method: {class_path: lightning_merge.Ties, init_args: ...}``.
+
+    jsonargparse (>= 4.3x) disables subclass specs for dataclass types by default; this enables them
+    for :class:`MergeMethod` only. ``method: ties`` with ``method_params: {...}`` works regardless.
+    """
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(subclasses_enabled=[MergeMethod])
+    except (ImportError, TypeError, ValueError):  # older jsonargparse: subclass specs already allowed
+        pass
+
+
+_enable_method_class_paths()
+
+
+class MergeSetupError(ConfigError, MisconfigurationException):
+    """The Trainer, strategy or module cannot take the merge (e.g. the target is not materialized)."""
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+def split_tasks(tasks: Sequence[TensorTask], world_size: int) -> list[list[TensorTask]]:
+    """Deterministic greedy split into ``world_size`` shares balanced by numel.
+
+    Largest tensors first (ties by name), each to the currently lightest share (ties: lowest
+    rank); every share keeps the plan's order.
+    """
+    loads = [0] * world_size
+    owner: dict[str, int] = {}
+    for t in sorted(tasks, key=lambda t: (-t.numel, t.name)):
+        r = min(range(world_size), key=lambda i: (loads[i], i))
+        owner[t.name] = r
+        loads[r] += max(t.numel, 1)
+    return [[t for t in tasks if owner[t.name] == r] for r in range(world_size)]
+
+
+def group_of(name: str) -> str:
+    """The diagnostics group of a tensor: its numbered block (``model.layers.3``) or its module
+    (``model.embed_tokens``, ``lm_head``)."""
+    parts = split_block_name(name)
+    if parts is not None:
+        return f"{parts[0]}.{parts[1]}"
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _sign_conflict(inputs: TensorInputs, space: str) -> tuple[int, int] | None:
+    """(entries where two experts' deltas have opposite signs, entries sampled), on at most
+    :data:`CONFLICT_SAMPLES` evenly strided entries; None with fewer than two experts."""
+    if len(inputs.tensors) < 2 or (space == "weight" and inputs.base is None):
+        return None
+    n = inputs.tensors[0].numel()
+    step = max(1, -(-n // CONFLICT_SAMPLES))
+    pos = neg = None
+    for t in inputs.tensors:
+        s = t.reshape(-1)[::step]
+        if space == "weight":
+            s = s - inputs.base.reshape(-1)[::step]
+        pos = s > 0 if pos is None else pos | (s > 0)
+        neg = s < 0 if neg is None else neg | (s < 0)
+    return int((pos & neg).sum()), int(pos.numel())
+
+
+def _tensor_of(module: nn.Module, name: str) -> Tensor | None:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        pass
+    try:
+        return module.get_buffer(name)
+    except AttributeError:
+        return None
+
+
+def _matches(expert: Source, keys: list[str]) -> int:
+    """How many of ``expert``'s tensor names map onto ``keys`` (the engine's own key alignment)."""
+    try:
+        aligned = align(expert, keys)
+    except SourceError:
+        return 0
+    return len(set(aligned.keys()).intersection(keys))
+
+
+def find_target(root: nn.Module, expert: Source, target: str | None) -> tuple[str, nn.Module]:
+    """The submodule of ``root`` whose tensor names match ``expert``'s (see :class:`MergeCallback`)."""
+    hint = ""
+    if isinstance(root, pl.LightningModule) and is_overridden("configure_model", root):
+        hint = (" Note: this module overrides configure_model(), which Lightning calls after setup(): "
+                "modules created there do not exist yet when MergeCallback merges; create the merge "
+                "target in __init__.")
+    if target is not None:
+        try:
+            module = root if target in ("", ".") else root.get_submodule(target)
+        except AttributeError:
+            children = [n for n, _ in root.named_children()]
+            raise MergeSetupError(
+                f"MergeCallback: target='{target}' is not a submodule of {type(root).__name__} "
+                f"(its children: {children}).{hint}"
+            ) from None
+        keys = list(ModuleSource(module).keys())
+        if _matches(expert, keys) == 0:
+            raise MergeSetupError(
+                f"MergeCallback: none of the tensor names of {expert.label} (e.g. {sorted(expert.keys())[:3]}) "
+                f"match target='{target}' (names like {sorted(keys)[:3]}); is it the right submodule?"
+            )
+        return target, module
+    root_names = [n for n, _ in itertools.chain(root.named_parameters(), root.named_buffers())]
+    candidates: list[tuple[str, nn.Module, list[str]]] = []
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        keys = [k[len(prefix):] for k in root_names if k.startswith(prefix)]
+        if keys:
+            candidates.append((name, module, keys))
+    candidates.sort(key=lambda c: -len(c[2]))
+    best, scored = 0, []
+    for name, module, keys in candidates:
+        if len(keys) < best:
+            break  # a smaller module cannot match more names
+        hits = _matches(expert, keys)
+        scored.append((name, module, hits, len(keys)))
+        best = max(best, hits)
+    if best == 0:
+        sample = [f"'{n}'" for n, _, _ in candidates[:6]]
+        raise MergeSetupError(
+            f"MergeCallback: no submodule of {type(root).__name__} has tensor names matching {expert.label} "
+            f"(its names look like {sorted(expert.keys())[:3]}; candidates tried include {', '.join(sample)}). "
+            f"Pass target='<dotted path>' of the submodule the experts were saved from.{hint}"
+        )
+    top = [s for s in scored if s[2] == best]
+    # an ancestor matching as many names as its descendant holds the same tensors: keep the deepest
+    top = [s for s in top if not any(o[0] != s[0] and (s[0] == "" or o[0].startswith(s[0] + ".")) for o in top)]
+    if len(top) > 1:
+        listing = ", ".join(f"'{n}' ({h} of {len(expert.keys())} names match)" for n, _, h, _ in top)
+        raise MergeSetupError(
+            f"MergeCallback: several submodules match {expert.label} equally well: {listing}. "
+            "Pass target='<dotted path>' to choose one."
+        )
+    name, module, hits, _ = top[0]
+    n_exp = len(expert.keys())
+    if hits < n_exp:
+        rank_zero_warn(f"MergeCallback: only {hits} of the {n_exp} tensor names of {expert.label} match the "
+                       f"chosen target '{name}'; the others are not merged. Pass target=... if that is wrong.")
+    return name, module
+
+
+def _check_materialized(trainer: pl.Trainer, name: str, target: nn.Module) -> None:
+    """Refuse targets that are not plain, full tensors at setup time (naming the strategy)."""
+    strategy = type(trainer.strategy).__name__
+    reason = None
+    for mod in target.modules():
+        if "FullyShardedDataParallel" in type(mod).__name__:
+            reason = "already wrapped in FullyShardedDataParallel"
+            break
+    if reason is None:
+        for _, t in itertools.chain(target.named_parameters(), target.named_buffers()):
+            if t.is_meta:
+                reason = "on the meta device (not materialized: e.g. Trainer.init_module(empty_init=True))"
+            elif hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
+                reason = "partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init)"
+            elif type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+                reason = "sharded DTensors"
+            if reason:
+                break
+    if reason:
+        raise MergeSetupError(
+            f"MergeCallback cannot merge into '{name or type(target).__name__}' under {strategy}: its "
+            f"parameters are {reason} at setup(). The merge runs in setup(), before configure_model() and "
+            "before the strategy shards the model. Create the model, materialized, in the LightningModule's "
+            "__init__, or merge offline with lightning_merge.merge_models(..., out='merged/') and load that "
+            "folder in configure_model()."
+        )
+
+
+def _pending_ckpt_path(trainer: pl.Trainer) -> tuple[bool, Any]:
+    """(found, path) of the checkpoint the running Trainer call restores after ``setup``.
+
+    The path is the ``ckpt_path`` local of ``Trainer._run`` (already resolved from "last", "best",
+    "hpc"); ``trainer.ckpt_path`` is not set before ``resume_start``, after setup.
+    """
+    code = pl.Trainer._run.__code__
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is code and frame.f_locals.get("self") is trainer:
+                return True, frame.f_locals.get("ckpt_path")
+            frame = frame.f_back
+    finally:
+        del frame
+    return False, None
+
+
+def _peek_callback_state(path: Any, key: str) -> dict | None:
+    """``checkpoint["callbacks"][key]`` of a local checkpoint file, without reading tensor data.
+    None when absent or unreadable (the caller then merges and the restored weights win)."""
+    try:
+        p = Path(os.fspath(path))
+        if not p.is_file():
+            return None
+        ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # remote/legacy/non-weights-only checkpoints: not an error, just no peek
+        log.debug("MergeCallback: cannot peek at %s (%s); merging, the restored weights will win", path, e)
+        return None
+    state = (ckpt.get("callbacks") or {}).get(key) if isinstance(ckpt, Mapping) else None
+    return dict(state) if isinstance(state, Mapping) else None
+
+
+# ------------------------------------------------------------------------------------- ranks
+
+@dataclass
+class _Failed:
+    rank: int
+    message: str
+
+
+class _PeerFailed(Exception):
+    def __init__(self, failed: _Failed):
+        super().__init__(failed.message)
+        self.failed = failed
+
+
+class _Comm:
+    """The default process group, or a one-process stand-in."""
+
+    def __init__(self, trainer: pl.Trainer):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.on = (dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+                   and dist.get_world_size() > 1)
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        backend = str(dist.get_backend()) if self.on else ""
+        # NCCL moves CUDA tensors only; gloo (CPU) moves CPU tensors
+        self.device = trainer.strategy.root_device if "nccl" in backend else torch.device("cpu")
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``all_gather_object``; raises :class:`_PeerFailed` when a rank reported a failure."""
+        if not self.on:
+            return [obj]
+        parts: list[Any] = [None] * self.world
+        self.dist.all_gather_object(parts, obj)
+        for p in parts:
+            if isinstance(p, _Failed):
+                raise _PeerFailed(p)
+        return parts
+
+    def fail(self, message: str) -> None:
+        """This rank's side of the collective its peers are waiting in: report the failure."""
+        parts: list[Any] = [None] * self.world
+        self.dist.all_gather_object(parts, _Failed(self.rank, message))
+
+    def broadcast(self, buf: Tensor | None, nbytes: int, src: int) -> Tensor:
+        """Broadcast a uint8 buffer from ``src``; returns it on CPU on every rank."""
+        if self.rank == src:
+            assert buf is not None
+            dev = buf.to(self.device)
+        else:
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.dist.broadcast(dev, src=src)
+        return buf if self.rank == src else dev.cpu()
+
+
+Bucket = tuple[list[tuple[TensorTask, int, int]], int]
+
+
+def _buckets(tasks: Sequence[TensorTask], limit: int = BUCKET_BYTES) -> list[Bucket]:
+    """Pack tasks into byte buckets: ([(task, offset, nbytes)], total bytes); offsets 16-aligned."""
+    out: list[Bucket] = []
+    cur: list[tuple[TensorTask, int, int]] = []
+    off = 0
+    for t in tasks:
+        nb = t.numel * t.out_dtype.itemsize
+        if cur and off + nb > limit:
+            out.append((cur, off))
+            cur, off = [], 0
+        cur.append((t, off, nb))
+        off += -(-nb // _ALIGN) * _ALIGN
+    if cur:
+        out.append((cur, off))
+    return out
+
+
+def _pack(bucket: Bucket, results: Mapping[str, Tensor]) -> Tensor:
+    items, total = bucket
+    buf = torch.empty(total, dtype=torch.uint8)
+    for task, off, nb in items:
+        if nb:
+            buf[off:off + nb].copy_(results[task.name].reshape(-1).view(torch.uint8))
+    return buf
+
+
+def _unpack(bucket: Bucket, buf: Tensor) -> dict[str, Tensor]:
+    return {task.name: buf[off:off + nb].view(task.out_dtype).reshape(task.shape) for task, off, nb in bucket[0]}
+
+
+# ----------------------------------------------------------------------------------- callback
+
+class MergeCallback(Callback):
+    """Merge fine-tuned experts (HF folders, .safetensors, .ckpt, PEFT LoRA adapters) into the
+    LightningModule in ``setup`` of the configured stages, once per callback instance.
+
+    Args:
+        experts: paths of the experts (checked to exist now, opened at setup).
+        method: a :class:`~lightning_merge.methods.base.MergeMethod` (e.g. ``Ties(density=0.2)``)
+            or its registered name (``"ties"``, ``"dare_ties"``, ...).
+        method_params: hyperparameters for a method given by name (or replacements for a method
+            instance), e.g. ``{"density": 0.3, "lambda": 0.9}``.
+        weights: one weight per expert (default 1 each).
+        base: the pre-trained model the experts were fine-tuned from; None: the module's own
+            weights at merge time are the base.
+        target: dotted path of the submodule whose tensor names match the experts' (``"model"``
+            for ``self.model = AutoModelForCausalLM...``; ``""`` for the module itself). None: the
+            submodule matching the first expert's names best; ambiguity or no match is an error.
+        seed: global seed; randomness is per (seed, tensor, expert), so the result does not depend
+            on the number of ranks (it does on the device type: CPU and CUDA streams differ).
+        stages: the Trainer calls whose setup merges (if not merged yet by this instance).
+        device: where the arithmetic runs; None: the strategy's CUDA device if it has one, else CPU.
+        vocab_policy: resized vocabularies: ``"truncate"``, ``"pad_mean"`` or ``"error"``.
+        strict: error on expert tensors the target lacks, instead of skipping them.
+        log_diagnostics: compute and log merge statistics (time, entries changed, sign conflicts,
+            adaptive-RMS drop rates / DPPA densities per layer) with ``trainer.logger`` at the first
+            ``on_{train,validation,test,predict}_start``, on rank zero.
+        keep_backup: keep a CPU copy of the target's pre-merge weights for :meth:`restore`.
+
+    After the merge, :attr:`merged` is True, :attr:`diagnostics` holds the statistics and
+    :meth:`restore` puts the pre-merge weights back.
+
+    With ``strategy="ddp_spawn"`` the merge runs in the spawned workers and Lightning returns only
+    the weights to the launching process: the callback object there still says ``merged=False``,
+    so do not reuse it for another Trainer call on the returned (already merged) module; the
+    default ``strategy="ddp"`` has no such gap.
+    """
+
+    def __init__(
+        self,
+        experts: list[str],
+        method: MergeMethod | str = "task_arithmetic",
+        *,
+        method_params: dict[str, Any] | None = None,
+        weights: list[float] | None = None,
+        base: str | None = None,
+        target: str | None = None,
+        seed: int = 0,
+        stages: Sequence[Stage] = ("fit", "validate", "test"),
+        device: str | None = None,
+        vocab_policy: VocabPolicy = "truncate",
+        strict: bool = False,
+        log_diagnostics: bool = True,
+        keep_backup: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(experts, (str, os.PathLike)) or not isinstance(experts, Sequence) or not experts:
+            raise ConfigError(f"MergeCallback: experts must be a non-empty list of paths, got {experts!r}")
+        self.experts = [self._existing(f"experts[{i}]", e) for i, e in enumerate(experts)]
+        self.base = None if base is None else self._existing("base", base)
+        self.method = self._build_method(method, method_params)
+        n = len(self.experts)
+        if weights is not None:
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != n:
+                count = len(weights) if isinstance(weights, Sequence) else "not a list of"
+                raise ConfigError(f"MergeCallback: weights has {count} values for {n} experts; "
+                                  "give one weight per expert")
+        try:
+            weights = None if weights is None else [float(w) for w in weights]
+            check_weights(self.method.name, weights or [1.0] * n, allow_negative=self.method.allow_negative_weights)
+        except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+            raise ConfigError(f"MergeCallback: weights {weights!r}: {e}") from None
+        try:
+            self.method.check_experts(n)
+        except ConfigError as e:
+            raise ConfigError(f"MergeCallback: method: {e}") from None
+        self.weights = weights
+        if target is not None and not isinstance(target, str):
+            raise ConfigError(f"MergeCallback: target must be a dotted submodule path, got {target!r}")
+        self.target = target
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"MergeCallback: seed must be an integer, got {seed!r}")
+        self.seed = seed
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        bad = [s for s in stages if s not in STAGES]
+        if bad or not stages:
+            raise ConfigError(f"MergeCallback: stages {stages!r} must be a non-empty list of {list(STAGES)}")
+        self.stages = tuple(dict.fromkeys(stages))
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"MergeCallback: device '{device}' is not a torch device (e.g. 'cpu', 'cuda')") \
+                    from None
+        self.device = device
+        if vocab_policy not in ("truncate", "pad_mean", "error"):
+            raise ConfigError(f"MergeCallback: vocab_policy '{vocab_policy}' is not one of "
+                              "['truncate', 'pad_mean', 'error']")
+        self.vocab_policy = vocab_policy
+        self.strict = bool(strict)
+        self.log_diagnostics = bool(log_diagnostics)
+        self.keep_backup = bool(keep_backup)
+        self.config_hash = self._hash()
+        #: statistics of the last merge (empty until then), metric name -> value
+        self.diagnostics: dict[str, float] = {}
+        #: the dotted path of the submodule merged into (set at setup)
+        self.target_name: str | None = None
+        self._merged = False
+        self._merged_in_setup = False
+        self._skipped_for: Any = None
+        self._backup: WeightBackup | None = None
+        self._pending: dict[str, float] | None = None
+
+    # ---- configuration
+    @staticmethod
+    def _existing(arg: str, path: Any) -> str:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"MergeCallback: {arg} must be a path, got {type(path).__name__} {path!r}")
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise ConfigError(
+                f"MergeCallback: {arg} = '{path}': no such file or folder. Pass a local Hugging Face model "
+                "folder, a PEFT LoRA adapter folder, a .safetensors file or a .ckpt/.pt/.bin checkpoint "
+                "(download Hub models first, e.g. huggingface_hub.snapshot_download)"
+            )
+        return os.fspath(path)
+
+    @staticmethod
+    def _build_method(method: MergeMethod | str, params: dict[str, Any] | None) -> MergeMethod:
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(f"MergeCallback: method_params must be a dict, got {params!r}")
+        try:
+            if isinstance(method, str):
+                return get_method(method, **dict(params or {}))
+            if isinstance(method, MergeMethod):
+                if not params:
+                    return method
+                p = dict(params)
+                if "lambda" in p:
+                    p["lambda_"] = p.pop("lambda")
+                return method.with_params(**p)
+        except ConfigError as e:
+            raise ConfigError(f"MergeCallback: method: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"MergeCallback: method_params {dict(params or {})}: {e}") from None
+        raise ConfigError(f"MergeCallback: method must be a MergeMethod or a method name, got {method!r}")
+
+    def config(self) -> dict[str, Any]:
+        """What determines the merged weights (hashed into :attr:`config_hash` and :attr:`state_key`)."""
+        return {
+            "experts": [os.path.normpath(e) for e in self.experts],
+            "base": None if self.base is None else os.path.normpath(self.base),
+            "method": self.method.describe(),
+            "weights": self.weights,
+            "target": self.target,
+            "seed": self.seed,
+            "vocab_policy": self.vocab_policy,
+            "strict": self.strict,
+        }
+
+    def _hash(self) -> str:
+        text = json.dumps(self.config(), sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(config_hash=self.config_hash)
+
+    @property
+    def merged(self) -> bool:
+        """True once the merge is applied (or restored from a checkpoint that contains it)."""
+        return self._merged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"merged": self._merged, "config_hash": self.config_hash}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        merged, h = bool(state_dict.get("merged", False)), state_dict.get("config_hash")
+        if h != self.config_hash:
+            rank_zero_warn(
+                f"MergeCallback: the checkpoint's merge state has configuration hash {h!r}, this callback's is "
+                f"{self.config_hash!r}: the checkpoint was made with another merge configuration. Its weights "
+                "are restored and this callback does not merge again on top of them."
+            )
+        elif self._merged_in_setup and merged:
+            log.info("MergeCallback: the checkpoint's weights (this merge, then training) replace the merge "
+                     "computed in setup()")
+        elif self._merged_in_setup:
+            rank_zero_warn("MergeCallback: the checkpoint was saved before this merge ran; its restored weights "
+                           "replace the merge computed in setup()")
+        self._merged = merged
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or not self._merged_in_setup:
+            return
+        others = [k for k in states if str(k).startswith(type(self).__qualname__)]
+        rank_zero_warn(
+            f"MergeCallback (config {self.config_hash}): the checkpoint {trainer.ckpt_path} holds no state of this "
+            "merge" + (f" (it holds {others}: another merge configuration)" if others else "")
+            + "; its weights were restored over the merge done in setup(), so this merge is not in effect. "
+            "Resume with the MergeCallback configuration that made the checkpoint, or load its weights "
+            "without ckpt_path to merge into them."
+        )
+        self._merged = False
+
+    # ---- restore
+    def restore(self) -> None:
+        """Put the target's pre-merge weights back, in place (optimizers and tied weights stay valid).
+
+        Uses the CPU copy taken at setup (``keep_backup=True``). Call it on every rank (e.g. in a
+        hook, or after ``trainer.fit`` returns in the same process); it does not work on a model
+        the strategy has sharded (FSDP / DeepSpeed). Afterwards :attr:`merged` is False and a later
+        setup of a configured stage merges again.
+        """
+        if self._backup is None:
+            raise MergeError("MergeCallback.restore(): no pre-merge weights are kept: the callback has not "
+                             "merged yet, or was built with keep_backup=False")
+        self._backup.restore()
+        self._merged = False
+
+    # ---- the merge
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        if self._merged:
+            log.debug("MergeCallback: already merged; %s does not merge again", stage)
+            return
+        found, ckpt = _pending_ckpt_path(trainer)
+        state = None
+        if ckpt:
+            state = _peek_callback_state(ckpt, self.state_key) if trainer.is_global_zero else None
+            state = trainer.strategy.broadcast(state, src=0)
+        elif not found:
+            log.debug("MergeCallback: the checkpoint path of this Trainer call is unknown at setup; merging")
+        skip = bool(state and state.get("merged") and state.get("config_hash") == self.config_hash)
+        comm = _Comm(trainer)
+        sources: list[Source] = []
+        t0 = time.perf_counter()
+        try:
+            experts = [open_source(e) for e in self.experts]
+            sources.extend(experts)
+            self.target_name, target = find_target(pl_module, experts[0], self.target)
+            _check_materialized(trainer, self.target_name, target)
+            if self.keep_backup:
+                self._backup = WeightBackup(target, ModuleSource(target).keys())
+            if skip:
+                self._merged, self._skipped_for = True, ckpt
+                if trainer.is_global_zero:
+                    log.info("MergeCallback: not merging: %s already holds this merge (config %s); its weights "
+                             "are restored next", ckpt, self.config_hash)
+                return
+            plan, tasks = self._plan(trainer, target, experts, sources)
+            shares = split_tasks(tasks, comm.world)
+            mine = shares[comm.rank]
+            if plan.method.statistics_passes > 0:
+                compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
+            results, counts = self._merge_share(plan, mine, target)
+            parts = comm.gather(counts)
+        except _PeerFailed as e:
+            raise MergeError(f"MergeCallback: the merge failed on rank {e.failed.rank}: {e.failed.message}") from None
+        except Exception as e:
+            if comm.on and not skip:
+                comm.fail(f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            for s in sources:
+                s.close()
+        self._write_all(comm, target, shares, results)
+        self._merged = self._merged_in_setup = True
+        self._diagnose(plan, tasks, parts, comm.world, time.perf_counter() - t0, trainer)
+
+    def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source],
+              sources: list[Source]) -> tuple[MergePlan, list[TensorTask]]:
+        module_keys = ModuleSource(target).keys()
+        if self.base is None:
+            base: Source = ModuleSource(target, label=f"<{self.target_name or type(target).__name__} at setup>")
+        else:
+            opened = open_source(self.base)
+            sources.append(opened)
+            base = align(opened, module_keys)
+        root = trainer.strategy.root_device
+        device = self.device or (root if root.type == "cuda" else "cpu")
+        plan = build_plan(base, experts, self.method, weights=self.weights, seed=self.seed, device=device,
+                          vocab_policy=self.vocab_policy, strict=self.strict)
+        tasks, absent = [], []
+        for task in plan.tasks:
+            t = _tensor_of(target, task.name)
+            if t is None:
+                absent.append(task.name)
+                continue
+            if tuple(t.shape) != tuple(task.shape):
+                raise MergeSetupError(
+                    f"MergeCallback: merged tensor '{task.name}' has shape {list(task.shape)} but "
+                    f"'{self.target_name}' has {list(t.shape)}"
+                    + (" (vocab_policy='pad_mean' grows the vocabulary: resize the module's embeddings first)"
+                       if task.pad_rows is not None else "")
+                )
+            tasks.append(task)
+        if absent:
+            if self.strict:
+                raise MergeSetupError(f"MergeCallback: '{self.target_name}' has no tensors named {absent[:5]} "
+                                      "(strict=True)")
+            if trainer.is_global_zero:
+                log.warning("MergeCallback: %d tensors have no counterpart in '%s' and are not merged, e.g. %s",
+                            len(absent), self.target_name, absent[:3])
+        return plan, tasks
+
+    def _merge_share(self, plan: MergePlan, tasks: list[TensorTask],
+                     target: nn.Module) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        """Merge ``tasks`` (reading the next tensor while merging the current one, as run_plan does).
+
+        Returns the merged tensors and, per diagnostics group, [entries changed, floating entries,
+        sign conflicts, entries sampled]; "changed" compares with the module's tensors, which still
+        hold the pre-merge values (nothing is written before every rank has merged its share).
+        """
+        results: dict[str, Tensor] = {}
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+
+        def prefetch(task: TensorTask) -> TensorInputs | None:
+            return None if task.action == "copy" else load_inputs(plan, task)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
+            future = pool.submit(prefetch, tasks[0]) if tasks else None
+            for k, task in enumerate(tasks):
+                inputs = future.result() if future is not None else prefetch(task)
+                nxt = tasks[k + 1] if k + 1 < len(tasks) else None
+                overlap = nxt is not None and min(task.numel, nxt.numel) <= PREFETCH_MAX_OVERLAP
+                future = pool.submit(prefetch, nxt) if overlap else None
+                acc = counts[group_of(task.name)]
+                if self.log_diagnostics and inputs is not None:
+                    sc = _sign_conflict(inputs, plan.method.space)  # before the method consumes its inputs
+                    if sc is not None:
+                        acc[2] += sc[0]
+                        acc[3] += sc[1]
+                merged = results[task.name] = merge_task(plan, task, inputs)
+                del inputs
+                if self.log_diagnostics and merged.is_floating_point():
+                    current = _tensor_of(target, task.name)
+                    acc[0] += int((current != merged.to(current.device, current.dtype)).sum())
+                    acc[1] += merged.numel()
+        return results, dict(counts)
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(target: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+        for name, value in tensors.items():
+            t = _tensor_of(target, name)
+            assert t is not None  # checked in _plan
+            t.copy_(value.to(t.device, t.dtype))
+
+    def _write_all(self, comm: _Comm, target: nn.Module, shares: list[list[TensorTask]],
+                   results: dict[str, Tensor]) -> None:
+        """Write every share into the module: local results directly, the others' as broadcast."""
+        if not comm.on:
+            self._write(target, results)
+            return
+        for owner, share in enumerate(shares):
+            for bucket in _buckets(share):
+                if owner == comm.rank:
+                    comm.broadcast(_pack(bucket, results), bucket[1], src=owner)
+                    self._write(target, {t.name: results.pop(t.name) for t, _, _ in bucket[0]})
+                else:
+                    self._write(target, _unpack(bucket, comm.broadcast(None, bucket[1], src=owner)))
+
+    # ---- diagnostics
+    def _diagnose(self, plan: MergePlan, tasks: list[TensorTask], parts: list[dict[str, list[int]]],
+                  world: int, seconds: float, trainer: pl.Trainer) -> None:
+        m: dict[str, float] = {"time_s": seconds, "tensors": float(len(tasks)), "world_size": float(world)}
+        if self.log_diagnostics:
+            totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+            for part in parts:
+                for g, counts in part.items():
+                    totals[g] = [a + b for a, b in zip(totals[g], counts)]
+            groups: dict[str, dict[str, float]] = defaultdict(dict)
+            for g, (changed, n, conflict, sampled) in totals.items():
+                if n:
+                    groups[g]["changed"] = changed / n
+                if sampled:
+                    groups[g]["sign_conflict"] = conflict / sampled
+            overall = [sum(v[i] for v in totals.values()) for i in range(4)]
+            m["changed"] = overall[0] / overall[1] if overall[1] else 0.0
+            if overall[3]:
+                m["sign_conflict"] = overall[2] / overall[3]
+            for g, vals in self._method_groups(plan).items():
+                groups[g].update(vals)
+            for g in sorted(groups):
+                for k, v in groups[g].items():
+                    m[f"{g}/{k}"] = v
+            self._pending = m
+        self.diagnostics = m
+        if trainer.is_global_zero:
+            extra = (f", {100 * m['changed']:.1f}% of entries changed"
+                     + (f", sign conflicts {100 * m['sign_conflict']:.1f}%" if "sign_conflict" in m else "")
+                     ) if "changed" in m else ""
+            log.info("MergeCallback: merged %d experts into '%s' with %s: %d tensors on %d rank(s) in %.2f s%s",
+                     len(self.experts), self.target_name, plan.method.name, len(tasks), world, seconds, extra)
+
+    @staticmethod
+    def _method_groups(plan: MergePlan) -> dict[str, dict[str, float]]:
+        """Per-group means of adaptive-RMS drop rates / DPPA densities (after the statistics passes)."""
+        vals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        if isinstance(plan.method, AdaptiveRMS) and plan.stats is not None:
+            for name, rates in AdaptiveRMS.drop_rates(plan.stats).items():
+                vals[group_of(name)]["drop_rate"].extend(p for p in rates if not math.isnan(p))
+        elif isinstance(plan.method, DPPA) and plan.stats is not None:
+            for name, per in DPPA.matrix_densities(plan.stats).items():
+                for top, band in per.values():
+                    vals[group_of(name)]["density_top"].append(top)
+                    vals[group_of(name)]["density_band"].append(band)
+        return {g: {k: math.fsum(v) / len(v) for k, v in d.items() if v} for g, d in vals.items()}
+
+    def _log_pending(self, trainer: pl.Trainer) -> None:
+        if self._pending is None:
+            return
+        metrics, self._pending = self._pending, None
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        several = sum(isinstance(cb, MergeCallback) for cb in trainer.callbacks) > 1
+        prefix = f"merge_{self.config_hash[:8]}" if several else "merge"
+        metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pending(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pending(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pending(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pending(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._merged_in_setup = False
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(experts={self.experts}, method={self.method.name}, "
+                f"config_hash={self.config_hash!r}, merged={self._merged})")

@@ -380,6 +380,25 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = 
     return out.to(task.out_dtype).to("cpu")
 
 
+def iter_inputs(plan: MergePlan, tasks: Sequence[TensorTask]) -> Iterator[tuple[TensorTask, TensorInputs | None]]:
+    """Yield every task with its inputs (None for a copy), reading the next task's tensors on a
+    background thread while the caller works on the current ones; two tasks that both have more
+    than :data:`PREFETCH_MAX_OVERLAP` elements are never held at once (memory)."""
+
+    def read(task: TensorTask) -> TensorInputs | None:
+        return None if task.action == "copy" else load_inputs(plan, task)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
+        future = pool.submit(read, tasks[0]) if tasks else None
+        for k, task in enumerate(tasks):
+            inputs = future.result() if future is not None else read(task)
+            nxt = tasks[k + 1] if k + 1 < len(tasks) else None
+            overlap = nxt is not None and min(task.numel, nxt.numel) <= PREFETCH_MAX_OVERLAP
+            future = pool.submit(read, nxt) if overlap else None
+            yield task, inputs
+            del inputs
+
+
 def run_plan(
     plan: MergePlan,
     names: Sequence[str] | None = None,
@@ -403,20 +422,10 @@ def run_plan(
         bar = tqdm(total=len(tasks), desc=f"merge {plan.method.name}", unit="tensor",
                    disable=None if progress is None else not progress)
 
-    def prefetch(task: TensorTask) -> TensorInputs | None:
-        return None if task.action == "copy" else load_inputs(plan, task)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
-        future = pool.submit(prefetch, tasks[0]) if tasks else None
-        for k, task in enumerate(tasks):
-            inputs = future.result() if future is not None else prefetch(task)
-            nxt = tasks[k + 1] if k + 1 < len(tasks) else None
-            # read ahead, unless that would hold two large tensors' inputs at once (memory)
-            overlap = nxt is not None and min(task.numel, nxt.numel) <= PREFETCH_MAX_OVERLAP
-            future = pool.submit(prefetch, nxt) if overlap else None
-            yield task.name, merge_task(plan, task, inputs)
-            del inputs
-            if bar is not None:
-                bar.update(1)
+    for task, inputs in iter_inputs(plan, tasks):
+        yield task.name, merge_task(plan, task, inputs)
+        del inputs
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()

@@ -39,7 +39,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,13 +52,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ..engine import (
-    PREFETCH_MAX_OVERLAP,
     MergePlan,
     TensorTask,
     VocabPolicy,
     build_plan,
     compute_statistics,
-    load_inputs,
+    iter_inputs,
     merge_task,
 )
 from ..errors import ConfigError, MergeError, SourceError
@@ -68,7 +66,7 @@ from ..methods.base import MergeMethod, TensorInputs, check_weights, get_method
 from ..methods.dppa import DPPA
 from ..sources.base import ModuleSource, Source, align
 from ..sources.resolve import open_source
-from ..targets.module import WeightBackup
+from ..targets.module import WeightBackup, find_tensor
 
 log = logging.getLogger(__name__)
 
@@ -143,17 +141,6 @@ def _sign_conflict(inputs: TensorInputs, space: str) -> tuple[int, int] | None:
         pos = s > 0 if pos is None else pos | (s > 0)
         neg = s < 0 if neg is None else neg | (s < 0)
     return int((pos & neg).sum()), int(pos.numel())
-
-
-def _tensor_of(module: nn.Module, name: str) -> Tensor | None:
-    try:
-        return module.get_parameter(name)
-    except AttributeError:
-        pass
-    try:
-        return module.get_buffer(name)
-    except AttributeError:
-        return None
 
 
 def _matches(expert: Source, keys: list[str]) -> int:
@@ -665,7 +652,7 @@ class MergeCallback(Callback):
                           vocab_policy=self.vocab_policy, strict=self.strict)
         tasks, absent = [], []
         for task in plan.tasks:
-            t = _tensor_of(target, task.name)
+            t = find_tensor(target, task.name)
             if t is None:
                 absent.append(task.name)
                 continue
@@ -697,35 +684,26 @@ class MergeCallback(Callback):
         results: dict[str, Tensor] = {}
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
 
-        def prefetch(task: TensorTask) -> TensorInputs | None:
-            return None if task.action == "copy" else load_inputs(plan, task)
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-read") as pool:
-            future = pool.submit(prefetch, tasks[0]) if tasks else None
-            for k, task in enumerate(tasks):
-                inputs = future.result() if future is not None else prefetch(task)
-                nxt = tasks[k + 1] if k + 1 < len(tasks) else None
-                overlap = nxt is not None and min(task.numel, nxt.numel) <= PREFETCH_MAX_OVERLAP
-                future = pool.submit(prefetch, nxt) if overlap else None
-                acc = counts[group_of(task.name)]
-                if self.log_diagnostics and inputs is not None:
-                    sc = _sign_conflict(inputs, plan.method.space)  # before the method consumes its inputs
-                    if sc is not None:
-                        acc[2] += sc[0]
-                        acc[3] += sc[1]
-                merged = results[task.name] = merge_task(plan, task, inputs)
-                del inputs
-                if self.log_diagnostics and merged.is_floating_point():
-                    current = _tensor_of(target, task.name)
-                    acc[0] += int((current != merged.to(current.device, current.dtype)).sum())
-                    acc[1] += merged.numel()
+        for task, inputs in iter_inputs(plan, tasks):
+            acc = counts[group_of(task.name)]
+            if self.log_diagnostics and inputs is not None:
+                sc = _sign_conflict(inputs, plan.method.space)  # before the method consumes its inputs
+                if sc is not None:
+                    acc[2] += sc[0]
+                    acc[3] += sc[1]
+            merged = results[task.name] = merge_task(plan, task, inputs)
+            del inputs
+            if self.log_diagnostics and merged.is_floating_point():
+                current = find_tensor(target, task.name)
+                acc[0] += int((current != merged.to(current.device, current.dtype)).sum())
+                acc[1] += merged.numel()
         return results, dict(counts)
 
     @staticmethod
     @torch.no_grad()
     def _write(target: nn.Module, tensors: Mapping[str, Tensor]) -> None:
         for name, value in tensors.items():
-            t = _tensor_of(target, name)
+            t = find_tensor(target, name)
             assert t is not None  # checked in _plan
             t.copy_(value.to(t.device, t.dtype))
 

@@ -19,7 +19,8 @@ from ..errors import IncompatibleTensorError
 log = logging.getLogger(__name__)
 
 
-def _lookup(module: nn.Module, name: str) -> Tensor | None:
+def find_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter or buffer ``name`` of ``module``, or None."""
     try:
         return module.get_parameter(name)
     except AttributeError:
@@ -37,7 +38,7 @@ class WeightBackup:
         self.module = module
         self.saved: dict[str, Tensor] = {}
         for name in names:
-            t = _lookup(module, name)
+            t = find_tensor(module, name)
             if t is not None:
                 self.saved[name] = t.detach().to("cpu", copy=True)
 
@@ -45,7 +46,7 @@ class WeightBackup:
     def restore(self) -> None:
         """Put the saved values back (in place, so optimizers and tied weights stay valid)."""
         for name, value in self.saved.items():
-            t = _lookup(self.module, name)
+            t = find_tensor(self.module, name)
             if t is not None:
                 t.copy_(value.to(t.device, t.dtype))
 
@@ -70,7 +71,7 @@ def load_into_module(
     targets: dict[str, Tensor] = {}
     missing = []
     for name, value in items.items():
-        t = _lookup(module, name)
+        t = find_tensor(module, name)
         if t is None:
             missing.append(name)
             continue

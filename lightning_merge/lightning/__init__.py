@@ -1,6 +1,18 @@
-"""The PyTorch Lightning layer: callbacks that merge experts into a LightningModule (the only
-part of lightning_merge that imports ``lightning``)."""
+"""The PyTorch Lightning layer: callbacks that merge experts into a LightningModule, task wrappers
+around Hugging Face models and data modules (the only part of lightning_merge that imports
+``lightning``)."""
 
 from .callback import MergeCallback, MergeSetupError, group_of, split_tasks
+from .data import SyntheticTokensDataModule, TextClassificationDataModule
+from .tasks import CausalLM, SequenceClassifier
 
-__all__ = ["MergeCallback", "MergeSetupError", "group_of", "split_tasks"]
+__all__ = [
+    "CausalLM",
+    "MergeCallback",
+    "MergeSetupError",
+    "SequenceClassifier",
+    "SyntheticTokensDataModule",
+    "TextClassificationDataModule",
+    "group_of",
+    "split_tasks",
+]

@@ -26,10 +26,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the Lightning layer is imported on first use, so the core and the CLI do not pay for lightning
-    if name == "MergeCallback":
-        from .lightning import MergeCallback
+    if name in ("MergeCallback", "MergeSearch"):
+        from . import lightning
 
-        return MergeCallback
+        return getattr(lightning, name)
     raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
 
 
@@ -47,6 +47,7 @@ __all__ = [
     "Linear",
     "MergeError",
     "MergeCallback",
+    "MergeSearch",
     "MergeMethod",
     "ModelStock",
     "SourceError",

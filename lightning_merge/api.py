@@ -126,10 +126,12 @@ def merge_models(
         else:
             from .targets.hf import save_hf_folder
 
+            padded = [t.pad_rows for t in plan.tasks if t.pad_rows is not None]
             result = save_hf_folder(
                 stream, out, config_dir=getattr(base_src, "config_dir", None), overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes, layout=layout,
                 metadata={"lightning_merge_method": method.name},
+                config_updates={"vocab_size": max(padded)} if padded else None,
             )
     finally:
         for s in opened:

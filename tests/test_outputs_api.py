@@ -103,3 +103,18 @@ def test_cuda_merge_matches_cpu(models):
     for k in cpu:
         assert gpu[k].device.type == "cpu"
         torch.testing.assert_close(gpu[k], cpu[k], atol=1e-6, rtol=1e-6)
+
+
+def test_pad_mean_vocabulary_writes_a_loadable_folder(models, tmp_path):
+    """An expert with 4 added tokens, vocab_policy="pad_mean": the output has the larger vocabulary
+    in its tensors and in config.json, and loads with transformers."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    resized = LlamaForCausalLM.from_pretrained(models / "ft")
+    resized.resize_token_embeddings(TINY["vocab_size"] + 4, mean_resizing=False)
+    resized.save_pretrained(tmp_path / "resized")
+    out = merge_models(models / "base", [tmp_path / "resized", models / "ft"], TaskArithmetic(lambda_=0.5),
+                       out=tmp_path / "merged", vocab_policy="pad_mean")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == TINY["vocab_size"] + 4
+    assert model.get_input_embeddings().weight.shape[0] == TINY["vocab_size"] + 4

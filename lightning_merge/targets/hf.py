@@ -576,8 +576,12 @@ def save_hf_folder(
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
     layout: Layout | None = None,
+    config_updates: dict | None = None,
 ) -> Path:
     """Write a Hugging Face model folder (shards + config + tokenizer) atomically; return its path.
+
+    ``config_updates`` are set in the copied config.json (e.g. ``vocab_size`` after a merge that
+    padded the embeddings to a larger vocabulary).
 
     ``layout`` (the stream's (name, shape, dtype) in order) lets the shards be written as the
     tensors arrive, with no buffering; it is ignored when the config ties an output head that the
@@ -599,6 +603,8 @@ def save_hf_folder(
     check_output_dir(out, overwrite)
     cfg_dir = None if config_dir is None else Path(config_dir)
     config = _read_config(cfg_dir)
+    if config is not None and config_updates:
+        config.update(config_updates)
     tied = bool(config and config.get("tie_word_embeddings", False))
     stream = _HfStream(tensors, tied=tied)
     if layout is not None and tied and any(_TIED_HEAD.search(name) for name, _, _ in layout):

@@ -30,6 +30,11 @@ LIGHTNING_CLI_MODULE = "lightning_merge.lightning_cli"
 log = logging.getLogger("lightning_merge.cli")
 
 
+def say(message: str, stream=None) -> None:
+    """Write one line of the command's own output (its result or its error) to ``stream``."""
+    (stream or sys.stdout).write(message + "\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -95,8 +100,8 @@ def _merge(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    print(f"{PROG}: merged {_count_tensors(out)} tensors with {recipe.merge_method} "
-          f"({type(recipe.method).__name__}) in {seconds:.2f} s -> {out}")
+    say(f"{PROG}: merged {_count_tensors(out)} tensors with {recipe.merge_method} "
+        f"({type(recipe.method).__name__}) in {seconds:.2f} s -> {out}")
     return 0
 
 
@@ -108,8 +113,8 @@ def _training(command: str, argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != LIGHTNING_CLI_MODULE:
             raise
-        print(f"{PROG}: error: '{command}' (LightningCLI training) is not available in this version; "
-              f"use '{PROG} merge CONFIG OUT' to merge offline", file=sys.stderr)
+        say(f"{PROG}: error: '{command}' (LightningCLI training) is not available in this version; "
+              f"use '{PROG} merge CONFIG OUT' to merge offline", sys.stderr)
         return 2
     return int(mod.main([command, *argv]) or 0)
 
@@ -127,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: a subcommand is required: merge, or one of {', '.join(TRAINING_COMMANDS)}",
-              file=sys.stderr)
+        say(f"{PROG}: error: a subcommand is required: merge, or one of {', '.join(TRAINING_COMMANDS)}", sys.stderr)
         return 2
 
     pkg_log = logging.getLogger("lightning_merge")
@@ -141,10 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _merge(args)
     except MergeError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        say(f"{PROG}: error: {' '.join(str(e).split())}", sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        say(f"{PROG}: interrupted; no output written", sys.stderr)
         return 130
     finally:
         pkg_log.removeHandler(handler)

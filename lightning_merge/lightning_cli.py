@@ -28,6 +28,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 # importing the Lightning layer registers the merge methods for class_path specs (see MergeCallback)
 from . import lightning as _lightning  # noqa: F401
+from .cli import say
 from .errors import MergeError
 
 PROG = "lightning-merge"
@@ -89,13 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse / jsonargparse: --help, --print_config (0), usage errors (2)
         if e.code is None or isinstance(e.code, int):
             return int(e.code or 0)
-        print(e.code, file=sys.stderr)
+        say(str(e.code), sys.stderr)
         return 2
     except Exception as e:
         cause = _merge_error(e)
         if cause is None:
             raise
-        print(f"{PROG}: error: {' '.join(str(cause).split())}", file=sys.stderr)
+        say(f"{PROG}: error: {' '.join(str(cause).split())}", sys.stderr)
         return 2
     finally:
         if own_handler:

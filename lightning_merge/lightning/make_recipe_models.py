@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RECIPE_DATA", "build_tokenizer", "make_recipe_models", "save_tiny_model", "tiny_config"]
 
@@ -157,8 +160,8 @@ def make_recipe_models(out: str | os.PathLike, *, steps: int = 60, seed: int = 0
                 tok.save_pretrained(tmp / name)
             scores[name] = {t: accuracy(model, t, seed) for t in d["tasks"]}
             if verbose:
-                print(f"{name} (task {task}, {kind}): " + ", ".join(f"{t} {v:.2f}" for t, v in scores[name].items()),
-                      file=sys.stderr)
+                log.info("%s (task %s, %s): %s", name, task, kind,
+                         ", ".join(f"{t} {v:.2f}" for t, v in scores[name].items()))
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         for k in [*names, "scores.json"]:
             dest = out / k
@@ -180,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     paths = make_recipe_models(args.out, steps=args.steps, seed=args.seed, verbose=True)
-    print(f"wrote {', '.join(paths)} and scores.json under {args.out}")
+    log.info("wrote %s and scores.json under %s", ", ".join(paths), args.out)
     return 0
 
 

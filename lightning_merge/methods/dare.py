@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
@@ -29,6 +28,7 @@ from .kernels import (
     ZeroSign,
     bernoulli_keep,
     elect_and_fuse,
+    norm_of,
     rescale_to_norm,
     topk_mask,
     weighted_mean,
@@ -55,8 +55,7 @@ def dare_drop(
         return delta.mul_(keep).div_(density) if inplace else delta * keep / density
     if rescale == "none":
         return delta.mul_(keep) if inplace else delta * keep
-    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[rescale]
-    original = torch.linalg.vector_norm(delta.flatten(), ord=ord_)
+    original = norm_of(delta, rescale)
     kept = delta.mul_(keep) if inplace else delta * keep
     return rescale_to_norm(kept, original, rescale)
 

@@ -57,6 +57,7 @@ from .kernels import (
     abs_bits,
     bernoulli_keep,
     elect_and_fuse,
+    norm_of,
     norm_rescale,
     rescale_to_norm,
     weighted_mean,
@@ -168,8 +169,7 @@ def magprune(
     if rescale == "none":
         return delta.mul_(keep)
     del q
-    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[rescale]
-    original = torch.linalg.vector_norm(delta.flatten(), ord=ord_)
+    original = norm_of(delta, rescale)
     return rescale_to_norm(delta.mul_(keep), original, rescale)
 
 

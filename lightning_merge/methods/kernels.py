@@ -50,12 +50,17 @@ def kth_largest_bits(bits: Tensor, k: int) -> int:
     bucket): O(n) and about twice as fast as ``torch.kthvalue`` on large tensors.
     """
     hi = bits >> 16
-    cum = torch.bincount(hi, minlength=1 << 15).flip(0).cumsum(0).flip(0)  # cum[b] = #(hi >= b)
+    b, above = top_bucket(torch.bincount(hi, minlength=1 << 15), k)
+    lo, _ = top_bucket(torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16), k - above)
+    return (b << 16) | lo
+
+
+def top_bucket(hist: Tensor, k: int) -> tuple[int, int]:
+    """The highest bucket b whose count together with all higher buckets reaches k (1 ≤ k ≤ Σ hist),
+    and the count of the buckets above b: one digit of a radix select."""
+    cum = hist.flip(0).cumsum(0).flip(0)  # cum[b] = #(entries in buckets >= b)
     b = int(torch.nonzero(cum >= k).max())
-    above = int(cum[b + 1]) if b + 1 < cum.numel() else 0
-    lo = bits[hi == b] & 0xFFFF
-    cum_lo = torch.bincount(lo, minlength=1 << 16).flip(0).cumsum(0).flip(0)
-    return (b << 16) | int(torch.nonzero(cum_lo >= k - above).max())
+    return b, (int(cum[b + 1]) if b + 1 < cum.numel() else 0)
 
 
 def topk_mask(x: Tensor, density: float) -> Tensor:
@@ -192,15 +197,18 @@ def norm_rescale(kept: Tensor, original: Tensor, mode: RescaleMode) -> Tensor:
     """
     if mode in ("inverse_prob", "none"):
         return kept
+    return rescale_to_norm(kept, norm_of(original, mode), mode)
+
+
+def norm_of(x: Tensor, mode: RescaleMode) -> float:
+    """The ``l1`` / ``l2`` / ``linf`` norm of the whole tensor."""
     ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[mode]
-    return rescale_to_norm(kept, torch.linalg.vector_norm(original.flatten(), ord=ord_), mode)
+    return float(torch.linalg.vector_norm(x.flatten(), ord=ord_))
 
 
-def rescale_to_norm(kept: Tensor, target: Tensor | float, mode: RescaleMode) -> Tensor:
+def rescale_to_norm(kept: Tensor, target: float, mode: RescaleMode) -> Tensor:
     """Scale ``kept`` in place so that its ``mode`` norm becomes ``target`` (guard: norms < 1e-7)."""
-    ord_ = {"l1": 1, "l2": 2, "linf": float("inf")}[mode]
-    n_kept = float(torch.linalg.vector_norm(kept.flatten(), ord=ord_))
-    target = float(target)
+    n_kept = norm_of(kept, mode)
     if target < 1e-7 or n_kept < 1e-7:
         return kept
     return kept.mul_(target / n_kept)
@@ -210,17 +218,3 @@ def bernoulli_keep(keep_prob: Tensor | float, like: Tensor, gen: torch.Generator
     """A boolean keep mask with P(keep_i) = keep_prob_i, drawn with ``gen`` (float32 uniforms)."""
     u = torch.rand(like.shape, generator=gen, device=like.device, dtype=torch.float32)
     return u < keep_prob
-
-
-def stack(tensors: Sequence[Tensor]) -> Tensor:
-    """Stack T same-shape tensors into [T, ...] (float32)."""
-    return torch.stack([t.to(torch.float32) for t in tensors], 0)
-
-
-def as_weights(weights: Sequence[float], like: Tensor) -> Tensor:
-    """Per-expert weights as a float32 tensor on ``like``'s device."""
-    return torch.tensor(list(weights), dtype=torch.float32, device=like.device)
-
-
-def _bcast(weights: Tensor, stack: Tensor) -> Tensor:
-    return weights.view(-1, *([1] * (stack.dim() - 1)))

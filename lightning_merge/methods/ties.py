@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
-from .kernels import ZeroSign, elect_and_fuse, threshold_mask, topk_mask
+from .kernels import ZeroSign, abs_bits, elect_and_fuse, threshold_mask, top_bucket, topk_mask
 
 TrimRule = Literal["exact_k", "official"]
 
@@ -70,7 +70,7 @@ class Ties(DeltaMethod):
             density = inputs.per_expert(self.density, i)
             if self.trim_scope == "global" and density < 1.0:
                 thr_bits = inputs.stats["threshold"][inputs.experts[i]]
-                keep = _abs_bits(d) >= thr_bits
+                keep = abs_bits(d).long() >= thr_bits
             elif self.trim_rule == "official":
                 keep = threshold_mask(d, density)
             else:
@@ -85,13 +85,22 @@ class Ties(DeltaMethod):
         )
 
     # ---- global trim: exact k-th largest |δ| per expert over the whole model, in two passes
+    def _density_of(self, expert: int) -> float:
+        d = self.density
+        return float(d[expert]) if isinstance(d, (list, tuple)) else float(d)
+
+    def _global_k(self, stats: dict[str, Any], expert: int) -> int:
+        """k = ⌊d·N⌋ over the expert's whole task vector (0 when the trim is off or keeps nothing)."""
+        d = self._density_of(expert)
+        return 0 if d >= 1.0 else int(d * stats["n"][expert])
+
     def init_statistics(self) -> dict[str, Any]:
         return {"hi": {}, "lo": {}, "n": {}}
 
     def observe(self, stats: dict[str, Any], pass_index: int, inputs: TensorInputs) -> None:
         for i, d in enumerate(inputs.tensors):
             e = inputs.experts[i]
-            bits = _abs_bits(d).flatten()
+            bits = abs_bits(d).flatten()
             if pass_index == 0:
                 h = torch.bincount(bits >> 16, minlength=1 << 15).cpu()
                 stats["hi"][e] = stats["hi"].get(e, 0) + h
@@ -113,36 +122,19 @@ class Ties(DeltaMethod):
         return out
 
     def finish_pass(self, stats: dict[str, Any], pass_index: int) -> dict[str, Any]:
-        dens = self.density
-        if pass_index == 0:
+        if pass_index == 0:  # high 16 bits: the bucket holding each expert's k-th largest |δ|
             stats["bin"], stats["above"] = {}, {}
             for e, hist in stats["hi"].items():
-                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
-                k = int(d * stats["n"][e])
-                if d >= 1.0 or k <= 0:
-                    continue
-                # highest bin b such that count(bins >= b) >= k
-                cum = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-                b = int(torch.nonzero(cum >= k).max())
-                stats["bin"][e] = b
-                stats["above"][e] = int(cum[b + 1]) if b + 1 < len(cum) else 0
-        else:
+                k = self._global_k(stats, e)
+                if k > 0:
+                    stats["bin"][e], stats["above"][e] = top_bucket(hist, k)
+        else:  # low 16 bits within that bucket: the exact threshold
             stats["threshold"] = {}
             for e, b in stats["bin"].items():
-                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
-                k = int(d * stats["n"][e]) - stats["above"][e]
-                hist = stats["lo"][e]
-                cum = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-                lo = int(torch.nonzero(cum >= k).max())
+                lo, _ = top_bucket(stats["lo"][e], self._global_k(stats, e) - stats["above"][e])
                 stats["threshold"][e] = (b << 16) | lo
             for e in stats["n"]:
-                stats["threshold"].setdefault(e, -1)  # k == 0 would keep nothing; density >= 1 keeps all
-                d = float(dens[e]) if isinstance(dens, (list, tuple)) else float(dens)
-                if d < 1.0 and int(d * stats["n"][e]) <= 0:
-                    stats["threshold"][e] = 1 << 31
+                # density >= 1 keeps all (-1); k == 0 keeps nothing (above every bit pattern)
+                stats["threshold"].setdefault(e, -1 if self._density_of(e) >= 1.0 else 1 << 31)
         return stats
 
-
-def _abs_bits(x: Tensor) -> Tensor:
-    """int64 bit pattern of float32 |x|; monotone in |x| for finite values."""
-    return x.detach().to(torch.float32).abs().contiguous().view(torch.int32).to(torch.int64)

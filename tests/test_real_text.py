@@ -11,14 +11,12 @@ import torch
 from torch.nn import functional as F
 
 from lightning_merge import MergeCallback
-from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, prepare, split_task
+from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, minilm_dir, prepare, split_task
 from lightning_merge.errors import ConfigError, SourceError
 from lightning_merge.methods.base import get_method
 
 try:
-    from lightning_merge.demo import base_model_dir
-
-    MINILM = base_model_dir()
+    MINILM = minilm_dir()
 except SourceError:  # pragma: no cover - `make test` installs it
     MINILM = None
 

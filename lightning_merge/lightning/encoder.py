@@ -189,6 +189,9 @@ class EncoderClassifier(_HFTaskModule):
         self.train_heads = bool(train_heads)
         self.expert_scores = dict(expert_scores) if expert_scores is not None else None
         self._apply_freeze()
+        #: when a dict, ``_eval_step`` appends each batch's per-example correctness to
+        #: ``outcomes[(stage, dataloader_idx)]`` (for confidence intervals over test examples)
+        self.outcomes: dict[tuple[str, int], list[Tensor]] | None = None
         #: data-module task index -> head index (set at ``setup`` from the data module's task names)
         self.register_buffer("task_map", torch.arange(len(self.heads)), persistent=False)
 
@@ -287,6 +290,8 @@ class EncoderClassifier(_HFTaskModule):
         m["acc"].update(preds, batch["labels"])
         m["f1"].update(preds, batch["labels"])
         m["loss"].update(loss.detach(), weight=len(preds))
+        if self.outcomes is not None:
+            self.outcomes.setdefault((stage, dataloader_idx), []).append((preds == batch["labels"]).cpu())
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:

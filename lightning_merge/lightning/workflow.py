@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 
 from ..errors import ConfigError
 from .data import TextClassificationDataModule
@@ -122,11 +123,19 @@ def train_expert(exp: Experiment, task: str, out: str | os.PathLike, *, finetune
 
 
 def evaluate(exp: Experiment, *, callbacks: Sequence[pl.Callback] = (), model: str | None = None,
-             split: str = "test", tasks: Sequence[str] | None = None, **trainer_kwargs: Any) -> dict[str, float]:
-    """Accuracy per task of the base encoder (or ``model``) after ``callbacks`` acted (e.g. merged)."""
+             split: str = "test", tasks: Sequence[str] | None = None, outcomes: dict[str, Tensor] | None = None,
+             **trainer_kwargs: Any) -> dict[str, float]:
+    """Accuracy per task of the base encoder (or ``model``) after ``callbacks`` acted (e.g. merged).
+
+    ``outcomes``: a dict that receives, per task, the per-example correctness (a bool tensor in the
+    data module's evaluation order, the same for every model), for paired comparisons.
+    """
     torch.manual_seed(0)
     module = EncoderClassifier(model or exp.base, exp.heads)
-    dm = exp.datamodule(eval_split=split, tasks=tasks)
+    if outcomes is not None:
+        module.outcomes = {}
+    tasks = list(tasks or exp.tasks)
+    dm = exp.datamodule(eval_split=split, tasks=tasks, batch_size=exp.eval_batch_size)
     trainer = _trainer(callbacks=list(callbacks), **trainer_kwargs)
     stage = "test" if split == "test" else "val"
     run = trainer.test if stage == "test" else trainer.validate
@@ -134,4 +143,7 @@ def evaluate(exp: Experiment, *, callbacks: Sequence[pl.Callback] = (), model: s
     flat: dict[str, float] = {}
     for m in metrics:
         flat.update({k: float(v) for k, v in m.items()})
-    return {t: flat[f"{stage}/{t}/acc"] for t in (tasks or exp.tasks)}
+    if outcomes is not None and module.outcomes is not None:
+        for i, t in enumerate(tasks):
+            outcomes[t] = torch.cat(module.outcomes[(stage, i)])
+    return {t: flat[f"{stage}/{t}/acc"] for t in tasks}

@@ -1,0 +1,270 @@
+"""Tables, paired tests of the papers' claims, and plots from a quality benchmark results file.
+
+    python benchmarks/quality/report.py [--results benchmarks/quality/results.json]
+
+Writes ``<results stem>.md`` (the report) and ``<results stem>_drop.png`` / ``_tasks.png`` beside the
+results file.
+
+Statistics:
+
+* accuracy of one evaluation on task t: p_t = correct / n_t; its standard error over test examples
+  sqrt(p_t (1 - p_t) / n_t); the mean over T tasks has SE sqrt(sum_t SE_t^2) / T (tasks independent);
+* normalised accuracy: mean over tasks of p_t / (the task's own expert's accuracy on t), in %;
+* over seeds: the mean of the per-seed means, with a 95% t-interval over seeds (n >= 2);
+* paired comparisons of two settings A and B: per test example, the fraction of A's seeds that got it
+  right minus B's; 4000 bootstrap resamples of the test examples within each task (stratified), the
+  statistic being the mean over tasks of the mean difference; a claim *holds* when the 95% interval
+  is above 0, is *reversed* when below, else *not distinguishable* at this size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+LABELS = {
+    "soup": "soup (average)", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES",
+    "dare_linear": "DARE-linear", "dare_ties_norescale": "DARE-TIES, no rescale", "della": "DELLA (row rank)",
+    "della_layer": "DELLA (tensor rank)", "dppa": "DPPA", "adaptive_rms_pooled": "adaptive-RMS (CV<=50 branch)",
+    "adaptive_rms_own": "adaptive-RMS (CV>50 branch)",
+}
+
+
+def unpack(s: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(s), dtype=np.uint8))[:n].astype(np.float64)
+
+
+class Setting:
+    """One merge configuration (or model) evaluated with one or more seeds."""
+
+    def __init__(self, rows: list[dict[str, Any]], tasks: list[str]) -> None:
+        self.rows, self.tasks = rows, tasks
+        r0 = rows[0]
+        self.regime, self.kind, self.family = r0["regime"], r0["kind"], r0.get("family", r0["kind"])
+        self.params, self.drop = r0["params"], r0.get("drop")
+        self.bits = {t: np.mean([unpack(r["bits"][t], r["n"][t]) for r in rows], axis=0) for t in tasks}
+
+    @property
+    def seeds(self) -> int:
+        return len(self.rows)
+
+    def acc(self, t: str) -> float:
+        return float(self.bits[t].mean())
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.acc(t) for t in self.tasks)
+
+    def per_seed_means(self) -> list[float]:
+        return [statistics.fmean(r["acc"][t] for t in self.tasks) for r in self.rows]
+
+    def ci_seeds(self, own: dict[str, float] | None = None) -> float | None:
+        """95% t-interval half-width over seeds of the mean accuracy (normalized when ``own`` is given)."""
+        if own is None:
+            xs = self.per_seed_means()
+        else:
+            xs = [statistics.fmean(r["acc"][t] / own[t] for t in self.tasks) for r in self.rows]
+        if len(xs) < 2:
+            return None
+        return T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+    def ci_examples(self) -> float:
+        se2 = sum(self.acc(t) * (1 - self.acc(t)) / len(self.bits[t]) for t in self.tasks)
+        return 1.96 * math.sqrt(se2) / len(self.tasks)
+
+    def normalized(self, own: dict[str, float]) -> float:
+        return statistics.fmean(self.acc(t) / own[t] for t in self.tasks)
+
+    def label(self) -> str:
+        p = {k: v for k, v in self.params.items() if k not in ("normalize",)}
+        return f"{LABELS.get(self.family, self.family)} " + ", ".join(f"{k}={v}" for k, v in p.items())
+
+
+def paired(a: Setting, b: Setting, tasks: list[str], n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean-over-tasks difference A - B, 95% bootstrap interval), resampling test examples per task."""
+    rng = np.random.default_rng(seed)
+    diffs = {t: a.bits[t] - b.bits[t] for t in tasks}
+    point = float(np.mean([d.mean() for d in diffs.values()]))
+    boot = np.zeros(n_boot)
+    for d in diffs.values():
+        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+        boot += d[idx].mean(1)
+    boot /= len(tasks)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return point, float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    return "holds" if lo > 0 else ("reversed" if hi < 0 else "not distinguishable")
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[Setting]]:
+    data = json.loads(path.read_text())
+    tasks = data["meta"]["tasks"]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in data["rows"]:
+        k = json.dumps([r["regime"], r["kind"], r["name"], r["params"], r.get("family")], sort_keys=True)
+        groups[k].append(r)
+    return data["meta"], [Setting(rows, tasks) for rows in groups.values()]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def report(path: Path) -> str:
+    meta, settings = load(path)
+    tasks = meta["tasks"]
+    base = next(s for s in settings if s.kind == "base")
+    lines = [f"# Quality benchmark ({meta['mode']}): all-MiniLM-L6-v2, {len(tasks)} tasks",
+             "", f"Results: `{path.relative_to(HERE.parents[1]) if path.is_relative_to(HERE.parents[1]) else path}`; "
+             f"test examples per task: " + ", ".join(f"{t} {len(base.bits[t])}" for t in tasks) + ".", ""]
+    regimes = [r for r in ("full", "lora") if any(s.regime == r for s in settings)]
+    for regime in regimes:
+        experts = {s.rows[0]["task"]: s for s in settings if s.regime == regime and s.kind == "expert"}
+        own = {t: experts[t].acc(t) for t in tasks if t in experts}
+        if len(own) < len(tasks):
+            continue
+        merges = [s for s in settings if s.regime == regime and s.kind == "merge"]
+        lines += [f"## Regime: {regime}", "", "### Experts against the base (test accuracy, %)", "",
+                  "| task | base | expert on its task | gain | 95% CI of the gain (paired bootstrap) |",
+                  "|---|---|---|---|---|"]
+        for t in tasks:
+            d, lo, hi = paired(experts[t], base, [t])
+            lines.append(f"| {t} | {pct(base.acc(t))} | {pct(own[t])} | {100 * d:+.1f} | "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+        lines += ["", "### Every model and merge (test accuracy %, mean over seeds)", "",
+                  "| model | seeds | " + " | ".join(tasks) + " | mean ± CI(examples) | ± CI(seeds) | normalized |",
+                  "|" + "---|" * (len(tasks) + 5)]
+        rows = [base, *[experts[t] for t in tasks], *sorted(merges, key=lambda s: (s.family, s.drop or 0, s.label()))]
+        for s in rows:
+            name = "base" if s.kind == "base" else (f"expert: {s.rows[0]['task']}" if s.kind == "expert" else s.label())
+            ci_s = s.ci_seeds()
+            seeds_ci = "± " + pct(ci_s) if ci_s is not None else "–"
+            lines.append(f"| {name} | {s.seeds} | " + " | ".join(pct(s.acc(t)) for t in tasks)
+                         + f" | {pct(s.mean)} ± {pct(s.ci_examples())} | {seeds_ci} | {pct(s.normalized(own))} |")
+        best = best_by_family(merges)
+        lines += ["", "### Best setting of each family (by mean accuracy)", "",
+                  "| family | best setting | mean | normalized |", "|---|---|---|---|"]
+        for fam, s in sorted(best.items(), key=lambda kv: -kv[1].mean):
+            lines.append(f"| {LABELS.get(fam, fam)} | {s.label()} | {pct(s.mean)} | {pct(s.normalized(own))} |")
+        lines += ["", "### The papers' claims at this scale (paired bootstrap over test examples, 95%)", "",
+                  "| claim | A | B | A − B (points) | 95% CI | verdict |", "|---|---|---|---|---|---|"]
+        for claim, a, b in claims(best, merges):
+            d, lo, hi = paired(a, b, tasks)
+            lines.append(f"| {claim} | {a.label()} | {b.label()} | {100 * d:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                         f"| {verdict(lo, hi)} |")
+        lines += ["", "Best drop rate per family: " + "; ".join(
+            f"{LABELS.get(f, f)} {s.drop}" for f, s in sorted(best.items()) if s.drop is not None), ""]
+        stem = path.with_suffix("")
+        plot_drop(merges, own, stem.with_name(f"{stem.name}_{regime}_drop.png"), regime)
+        plot_tasks(base, experts, best, tasks, stem.with_name(f"{stem.name}_{regime}_tasks.png"), regime)
+        lines += [f"![score against drop rate]({stem.name}_{regime}_drop.png)",
+                  f"![per-task accuracy]({stem.name}_{regime}_tasks.png)", ""]
+    return "\n".join(lines)
+
+
+def best_by_family(merges: list[Setting]) -> dict[str, Setting]:
+    best: dict[str, Setting] = {}
+    for s in merges:
+        if s.family not in best or s.mean > best[s.family].mean:
+            best[s.family] = s
+    return best
+
+
+def claims(best: dict[str, Setting], merges: list[Setting]) -> list[tuple[str, Setting, Setting]]:
+    out = []
+    for fam, claim in (("ties", "DELLA beats TIES (paper: +3.6)"), ("dare_ties", "DELLA beats DARE (paper: +1.2)"),
+                       ("task_arithmetic", "DELLA beats task arithmetic (paper: +11.1)")):
+        if "della" in best and fam in best:
+            out.append((claim, best["della"], best[fam]))
+    by_key = {(s.family, s.drop): s for s in merges}
+    for branch in ("adaptive_rms_pooled", "adaptive_rms_own"):
+        for p in (0.7, 0.9):
+            a, b = by_key.get((branch, p)), by_key.get(("dare_ties", p))
+            if a is not None and b is not None:
+                out.append((f"adaptive-RMS beats fixed-rate DARE-TIES at p={p}", a, b))
+    for p in (0.3, 0.5, 0.7):
+        a, b = by_key.get(("dare_ties", p)), by_key.get(("dare_ties_norescale", p))
+        if a is not None and b is not None:
+            out.append((f"rescaling matters (DARE-TIES with vs without 1/(1-p)), p={p}", a, b))
+    return out
+
+
+def plot_drop(merges: list[Setting], own: dict[str, float], path: Path, regime: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fams = sorted({s.family for s in merges if s.drop is not None})
+    for fam in fams:
+        pts = sorted((s.drop, 100 * s.normalized(own), 100 * (s.ci_seeds(own) or 0.0))
+                     for s in merges if s.family == fam and s.drop is not None)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS.get(fam, fam))
+    ax.set_xlabel("drop rate p = 1 − density")
+    ax.set_ylabel("normalized accuracy (% of each expert)")
+    ax.set_title(f"score against drop rate ({regime} fine-tunes; bars: 95% CI over seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_tasks(base: Setting, experts: dict[str, Setting], best: dict[str, Setting], tasks: list[str], path: Path,
+               regime: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("base", {t: base.acc(t) for t in tasks}), ("own expert", {t: experts[t].acc(t) for t in tasks})]
+    ranked = sorted(best.items(), key=lambda kv: -kv[1].mean)
+    bars += [(LABELS.get(f, f), {t: s.acc(t) for t in tasks}) for f, s in ranked]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    w = 0.8 / len(bars)
+    for i, (name, acc) in enumerate(bars):
+        ax.bar([j + (i - len(bars) / 2) * w for j in range(len(tasks))], [100 * acc[t] for t in tasks], w, label=name)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(max(0, 100 * min(min(a.values()) for _, a in bars) - 5), 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"per task: base, own expert, best setting of each merge family ({regime})")
+    ax.legend(fontsize=7, ncol=3)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", type=Path, default=HERE / "results.json")
+    args = ap.parse_args(argv)
+    text = report(args.results)
+    out = args.results.with_suffix(".md")
+    out.write_text(text + "\n")
+    print(text)  # noqa: T201 - a script's output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

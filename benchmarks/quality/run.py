@@ -1,0 +1,212 @@
+"""Quality benchmark: the seed papers' comparisons at small scale, on real models and data, offline.
+
+Base model: all-MiniLM-L6-v2 (6-layer BERT encoder). Tasks: sentiment, subjectivity, BBC topic,
+WordNet supersense (:mod:`lightning_merge.corpora`). Frozen per-task probe heads; experts fine-tune
+the encoder on one task each, in two regimes: ``full`` (every encoder weight but the word
+embeddings) and ``lora`` (PEFT LoRA r=8 on the attention ``query``/``value`` projections, the
+adaptive-RMS paper's setting; merged in exact dense-delta space). Every merge is a
+:class:`lightning_merge.MergeCallback` on ``trainer.test`` of the base model: the benchmark runs the
+product's own public API, so it is also an end-to-end check.
+
+Every evaluation is appended to ``results.json`` (per task: accuracy and the per-example
+correctness bits, so confidence intervals over test examples and paired differences can be
+computed later); a restarted run skips what is already there. :mod:`report` turns the file into
+tables and plots.
+
+    python benchmarks/quality/run.py                 # the full grid (hours on 2 cores; run it in the background)
+    python benchmarks/quality/run.py --quick         # < 15 minutes: a small grid, full fine-tunes only
+    python benchmarks/quality/report.py              # tables + plots from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_merge import MergeCallback  # noqa: E402
+from lightning_merge.corpora import WORDNET_NOUNS, minilm_dir, prepare  # noqa: E402
+from lightning_merge.lightning.workflow import Experiment, evaluate, prepare_heads, train_expert  # noqa: E402
+from lightning_merge.methods.base import get_method  # noqa: E402
+
+log = logging.getLogger("quality")
+
+TASKS = ("sentiment", "subjectivity", "topic", "supersense")
+DROPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SEEDS = (0, 1, 2)
+
+#: expert training per regime
+REGIMES: dict[str, dict[str, Any]] = {
+    "full": {"finetune": "full", "lr": 1e-4},
+    "lora": {"finetune": "lora", "lr": 1e-3, "lora_r": 8, "lora_alpha": 16},
+}
+
+
+def grid(quick: bool) -> list[dict[str, Any]]:
+    """Every merge of the benchmark: ``{"family", "method", "params", "seeds", "drop"}``.
+
+    The TIES-style families share the paper pipeline drop -> elect -> disjoint mean -> lambda = 1 and
+    differ only in the drop (DELLA paper's comparison): TIES (magnitude top-k, no rescale), DARE-TIES
+    (Bernoulli, 1/(1-p) rescale), DELLA (MagPrune, rescale; rank within each row or whole tensor).
+    Sum-style merges (task arithmetic, DARE-linear) use lambda = 0.4 for the four experts.
+    """
+    drops = (0.3, 0.7) if quick else DROPS
+    seeds = (0,) if quick else SEEDS
+    out: list[dict[str, Any]] = [{"family": "soup", "method": "task_arithmetic", "params": {"lambda": 0.25},
+                                  "seeds": (0,), "drop": None}]
+    for lam in ((0.3, 1.0) if quick else (0.2, 0.3, 0.4, 0.6, 1.0)):
+        out.append({"family": "task_arithmetic", "method": "task_arithmetic", "params": {"lambda": lam},
+                    "seeds": (0,), "drop": None})
+    for p in drops:
+        d = round(1 - p, 4)
+        out.append({"family": "ties", "method": "ties", "params": {"density": d, "lambda": 1.0}, "seeds": (0,),
+                    "drop": p})
+        out.append({"family": "dare_ties", "method": "dare_ties",
+                    "params": {"density": d, "lambda": 1.0, "normalize": True}, "seeds": seeds, "drop": p})
+        out.append({"family": "della", "method": "della", "params": {"density": d, "epsilon": 0.14, "lambda": 1.0},
+                    "seeds": seeds, "drop": p})
+        out.append({"family": "dppa", "method": "dppa",
+                    "params": {"density_top": d, "density_band": min(1.0, round(d + 0.1, 4)), "lambda": 1.0},
+                    "seeds": (0,), "drop": p})
+        if not quick:
+            out.append({"family": "dare_linear", "method": "dare_linear", "params": {"density": d, "lambda": 0.4},
+                        "seeds": seeds, "drop": p})
+            out.append({"family": "della_layer", "method": "della",
+                        "params": {"density": d, "epsilon": 0.14, "lambda": 1.0, "rank_scope": "layer"},
+                        "seeds": seeds, "drop": p})
+        if not quick and p in (0.3, 0.5, 0.7):
+            out.append({"family": "dare_ties_norescale", "method": "dare_ties",
+                        "params": {"density": d, "lambda": 1.0, "normalize": True, "rescale": "none"},
+                        "seeds": seeds, "drop": p})
+        if p in ((0.7,) if quick else (0.5, 0.7, 0.9)):
+            # both branches of the CV rule, forced: pooled mean (low CV) and each model's own mean (high CV)
+            for branch, thr in (("adaptive_rms_pooled", 1e9), ("adaptive_rms_own", 0.0)):
+                out.append({"family": branch, "method": "adaptive_rms",
+                            "params": {"drop_rate": p, "cv_threshold": thr, "lambda": 1.0}, "seeds": seeds,
+                            "drop": p})
+    return out
+
+
+def key(regime: str, kind: str, name: str, params: dict[str, Any], seed: int) -> str:
+    return json.dumps([regime, kind, name, params, seed], sort_keys=True)
+
+
+def pack(bits: torch.Tensor) -> str:
+    """Per-example correctness as base64 of packed bits (``numpy.packbits`` order)."""
+    import numpy as np
+
+    return base64.b64encode(np.packbits(bits.numpy().astype(np.uint8)).tobytes()).decode()
+
+
+class Store:
+    """``results.json``: a list of rows, rewritten atomically after each evaluation."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        data = json.loads(path.read_text()) if path.is_file() else {"meta": meta, "rows": []}
+        if data.get("meta") != meta:
+            log.warning("results file %s was made with other settings (%s); starting it again", path,
+                        data.get("meta"))
+            data = {"meta": meta, "rows": []}
+        self.data = data
+        self.done = {r["key"] for r in data["rows"]}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.data["rows"].append(row)
+        self.done.add(row["key"])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=0))
+        os.replace(tmp, self.path)
+
+
+def scored(exp: Experiment, store: Store, *, regime: str, kind: str, name: str, params: dict[str, Any],
+           seed: int, extra: dict[str, Any], **kwargs: Any) -> None:
+    k = key(regime, kind, name, params, seed)
+    if k in store.done:
+        return
+    t0 = time.perf_counter()
+    bits: dict[str, torch.Tensor] = {}
+    acc = evaluate(exp, outcomes=bits, **kwargs)
+    store.add({"key": k, "regime": regime, "kind": kind, "name": name, "params": params, "seed": seed, **extra,
+               "acc": acc, "n": {t: len(b) for t, b in bits.items()}, "bits": {t: pack(b) for t, b in bits.items()},
+               "seconds": round(time.perf_counter() - t0, 2)})
+    log.info("%-5s %-22s %-60s seed %d: %s (%.0f s)", regime, kind if kind != "merge" else extra.get("family"),
+             json.dumps(params), seed, "  ".join(f"{t[:4]} {100 * v:.1f}" for t, v in acc.items()),
+             time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small grid, smaller splits, full fine-tunes only")
+    ap.add_argument("--regimes", nargs="+", default=None, choices=sorted(REGIMES))
+    ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_data" / "quality")
+    ap.add_argument("--results", type=Path, default=None, help="default: benchmarks/quality/results[_quick].json")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+
+    quick = args.quick
+    regimes = args.regimes or (["full"] if quick else ["full", "lora"])
+    tasks = TASKS if WORDNET_NOUNS.is_file() else tuple(t for t in TASKS if t != "supersense")
+    sizes = {"probe": 500, "train": 1000 if quick else 2000, "test": 500 if quick else 2000}
+    topic = {"train": 800, "test": -1}  # ~2.1k headlines: 500 probe, 800 train, the rest (~796) test
+    mode = "quick" if quick else "full"
+    work = args.workdir / mode
+    files = prepare(work / "data", list(tasks), sizes, task_sizes={"topic": topic})
+    exp = Experiment(base=minilm_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=48)
+    prepare_heads(exp)
+    meta = {"mode": mode, "tasks": list(tasks), "sizes": sizes, "topic_sizes": topic, "base": "all-MiniLM-L6-v2"}
+    results = args.results or HERE / f"results{'_quick' if quick else ''}.json"
+    store = Store(results, meta)
+    t_start = time.perf_counter()
+
+    scored(exp, store, regime="-", kind="base", name="base", params={}, seed=0, extra={})
+    for regime in regimes:
+        cfg = REGIMES[regime]
+        experts = []
+        for task in tasks:
+            t0 = time.perf_counter()
+            experts.append(train_expert(exp, task, work / "experts" / regime / task, **cfg))
+            log.info("%s expert %s ready (%.0f s)", regime, task, time.perf_counter() - t0)
+            scored(exp, store, regime=regime, kind="expert", name=task, params=cfg, seed=0, extra={"task": task},
+                   model=experts[-1] if regime == "full" else None,
+                   callbacks=[] if regime == "full" else [MergeCallback([experts[-1]], "task_arithmetic",
+                                                                         target="model")])
+        for g in grid(quick):
+            for seed in g["seeds"]:
+                method = get_method(g["method"], **g["params"])
+                scored(exp, store, regime=regime, kind="merge", name=g["method"], params=g["params"], seed=seed,
+                       extra={"family": g["family"], "drop": g["drop"]},
+                       callbacks=[MergeCallback(experts, method, target="model", seed=seed)])
+    log.info("done in %.0f s; %d rows in %s", time.perf_counter() - t_start, len(store.data["rows"]), results)
+    from report import main as report_main  # noqa: E402
+
+    return report_main(["--results", str(results)])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())

@@ -204,3 +204,32 @@ def test_demo_runs_end_to_end_small(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert (tmp_path / "merged_best" / "config.json").is_file()
     assert len((tmp_path / "merge_search.csv").read_text().splitlines()) > 2
+
+
+def test_search_then_finetune_starts_from_the_chosen_merge(tiny_setup):
+    """After MergeSearch in trainer.fit, the module trains from the best candidate's weights: with a
+    vanishing learning rate the fitted encoder equals that merge computed by MergeCallback."""
+    import lightning.pytorch as pl
+
+    from lightning_merge import MergeSearch
+    from lightning_merge.lightning.encoder import EncoderClassifier
+    from lightning_merge.lightning.workflow import train_expert
+
+    root, exp = tiny_setup
+    experts = [train_expert(exp, t, root / "experts" / t, epochs=4, lr=3e-3) for t in exp.tasks]
+    cands = [{"method": "task_arithmetic", "lambda": 0.0}, {"method": "ties", "density": 0.5, "lambda": 1.0}]
+    search = MergeSearch(experts, candidates=cands, monitor="val/acc_mean", target="model", seed=0,
+                         limit_val_batches=1.0, csv_path=str(root / "s.csv"))
+    module = exp.module(finetune="full", lr=1e-30)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=[search], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=exp.datamodule(eval_split="val"))
+    best = dict(search.best)
+    ref = EncoderClassifier(exp.base, exp.heads)
+    params = {k: v for k, v in best.items() if k != "method"}
+    cb = MergeCallback(experts, get_method(best["method"], **params), target="model", seed=0)
+    pl.Trainer(accelerator="cpu", callbacks=[cb], logger=False, enable_progress_bar=False).test(
+        ref, datamodule=exp.datamodule(eval_split="test"), verbose=False)
+    got, want = module.model.state_dict(), ref.model.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)

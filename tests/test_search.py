@@ -573,3 +573,16 @@ def test_dppa_alpha_search_bad_config_errors_at_construction(zoo, kwargs, match)
 
     with pytest.raises(ConfigError, match=match):
         DPPAAlphaSearch(experts(zoo), **kwargs)
+
+
+def test_sharding_strategies_are_refused_before_any_search():
+    """FSDP needs GPUs here, so the strategy object is real but the trainer is a stand-in holding it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from lightning_merge.lightning.search import refuse_sharded
+
+    with pytest.raises(ConfigError, match="FSDPStrategy strategy shards the module"):
+        refuse_sharded("MergeSearch", SimpleNamespace(strategy=FSDPStrategy()))
+    refuse_sharded("MergeSearch", SimpleNamespace(strategy=SingleDeviceStrategy("cpu")))  # accepted

@@ -184,23 +184,29 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     scored(exp, store, regime="-", kind="base", name="base", params={}, seed=0, extra={})
+    experts: dict[str, list[str]] = {}
     for regime in regimes:
         cfg = REGIMES[regime]
-        experts = []
+        experts[regime] = []
         for task in tasks:
             t0 = time.perf_counter()
-            experts.append(train_expert(exp, task, work / "experts" / regime / task, **cfg))
+            experts[regime].append(train_expert(exp, task, work / "experts" / regime / task, **cfg))
             log.info("%s expert %s ready (%.0f s)", regime, task, time.perf_counter() - t0)
+            path = experts[regime][-1]
             scored(exp, store, regime=regime, kind="expert", name=task, params=cfg, seed=0, extra={"task": task},
-                   model=experts[-1] if regime == "full" else None,
-                   callbacks=[] if regime == "full" else [MergeCallback([experts[-1]], "task_arithmetic",
-                                                                         target="model")])
-        for g in grid(quick):
-            for seed in g["seeds"]:
+                   model=path if regime == "full" else None,
+                   callbacks=[] if regime == "full" else [MergeCallback([path], "task_arithmetic", target="model")])
+    # seed 0 of every merge in every regime first, then the further seeds: a partial run is a complete picture
+    for round_ in range(max(len(g["seeds"]) for g in grid(quick))):
+        for regime in regimes:
+            for g in grid(quick):
+                if round_ >= len(g["seeds"]):
+                    continue
+                seed = g["seeds"][round_]
                 method = get_method(g["method"], **g["params"])
                 scored(exp, store, regime=regime, kind="merge", name=g["method"], params=g["params"], seed=seed,
                        extra={"family": g["family"], "drop": g["drop"]},
-                       callbacks=[MergeCallback(experts, method, target="model", seed=seed)])
+                       callbacks=[MergeCallback(experts[regime], method, target="model", seed=seed)])
     log.info("done in %.0f s; %d rows in %s", time.perf_counter() - t_start, len(store.data["rows"]), results)
     from report import main as report_main  # noqa: E402
 

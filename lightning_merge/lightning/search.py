@@ -102,6 +102,16 @@ def build_candidate(cand: Any, n_experts: int, what: str,
     return method, weights
 
 
+def refuse_sharded(name: str, trainer: pl.Trainer) -> None:
+    """A search re-merges candidates into the live (already wrapped) module: with FSDP / DeepSpeed /
+    model-parallel strategies its parameters are shards, so refuse at ``setup``, before any work."""
+    strategy = type(trainer.strategy).__name__
+    if any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ConfigError(f"{name}: the {strategy} strategy shards the module, and a merge search writes whole "
+                          "tensors into it; search with strategy='ddp' (or one device), then train the chosen merge "
+                          "with a MergeCallback under FSDP")
+
+
 class BaseMergeSearch(Callback):
     """What every merge search shares: inputs, hooks, the evaluation of a candidate, logs, state.
 
@@ -223,6 +233,9 @@ class BaseMergeSearch(Callback):
         self.best_score = state_dict.get("best_score")
 
     # ---- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded(type(self).__name__, trainer)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._search(trainer, pl_module)
 

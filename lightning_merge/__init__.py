@@ -24,12 +24,20 @@ from .methods import (
 __version__ = "0.1.0"
 
 
+_LEARNED = ("LearnedMerge", "PerTaskTokensDataModule", "SensFactors", "SensMergeCallback", "SensScaled",
+            "compute_sens_factors")
+
+
 def __getattr__(name: str):
     # the Lightning layer is imported on first use, so the core and the CLI do not pay for lightning
     if name in ("MergeCallback", "MergeSearch", "DPPAAlphaSearch"):
         from . import lightning
 
         return getattr(lightning, name)
+    if name in _LEARNED:  # learned merges (AdaMerging, DAM, Sens-Merging) import lightning too
+        from . import learned
+
+        return getattr(learned, name)
     raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
 
 
@@ -45,16 +53,22 @@ __all__ = [
     "Della",
     "DellaLinear",
     "IncompatibleTensorError",
+    "LearnedMerge",
     "Linear",
     "MergeError",
     "MergeCallback",
     "MergeSearch",
     "MergeMethod",
     "ModelStock",
+    "PerTaskTokensDataModule",
+    "SensFactors",
+    "SensMergeCallback",
+    "SensScaled",
     "SourceError",
     "Slerp",
     "TaskArithmetic",
     "Ties",
+    "compute_sens_factors",
     "get_method",
     "merge_models",
     "method_names",

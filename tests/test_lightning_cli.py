@@ -18,7 +18,9 @@ from lightning_merge.lightning.make_recipe_models import RECIPE_DATA, make_recip
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 #: the MergeCallback recipes (the search recipes hold a MergeSearch / DPPAAlphaSearch: tested below)
-MERGE_RECIPES = [p for p in RECIPES if "search" not in p.stem]
+#: recipes built around one MergeCallback (the learned-merge and Sens recipes have their own tests)
+MERGE_RECIPES = [p for p in RECIPES if "search" not in p.stem
+                 and "class_path: lightning_merge.MergeCallback" in p.read_text()]
 SEARCH_RECIPES = [p for p in RECIPES if "search" in p.stem]
 EXPERTS = ["expert_a", "expert_b", "lora_c"]
 

@@ -1,0 +1,154 @@
+"""Export a learned merge as a plain model, with its coefficients and a plot of them by layer.
+
+The merged tensors are built one at a time (no_grad) and streamed to the package's atomic
+writers (:func:`~lightning_merge.targets.hf.save_hf_folder`), so exporting needs O(largest tensor)
+extra memory. The written model is the wrapped model's state dict with every target tensor
+replaced by θ*(c): loading it with ``from_pretrained`` gives the wrapper's outputs up to the
+export dtype's rounding (float32 by default: identical arithmetic).
+
+Files beside the weights:
+
+* ``learned_coefficients.safetensors``: the effective coefficients of every tensor,
+  ``[models]`` or ``[models, size]`` (metadata: granularity, coefficient_fn, the model labels);
+* ``learned_coefficients.json``: the same, with vectors summarized (mean, min, max per model);
+* ``learned_coefficients.png``: mean coefficient per layer (block or module) and model
+  (matplotlib, Agg backend; skipped with a warning when matplotlib is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..lightning.callback import group_of
+from ..sources.base import ModuleSource
+from ..targets.hf import save_hf_folder
+
+log = logging.getLogger(__name__)
+
+COEFFICIENTS_ST = "learned_coefficients.safetensors"
+COEFFICIENTS_JSON = "learned_coefficients.json"
+COEFFICIENTS_PNG = "learned_coefficients.png"
+
+__all__ = ["export_model", "plot_coefficients", "save_coefficients"]
+
+
+def _model_labels(module: Any) -> list[str]:
+    labels = [os.path.basename(os.path.normpath(str(x))) or str(x) for x in module.bank.labels]
+    return labels + (["base"] if module.coefficients.include_base else [])
+
+
+@torch.no_grad()
+def iter_merged(module: Any, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the wrapped model's state dict with the target tensors merged."""
+    aliases = ModuleSource(module.model).aliases
+    merged_names = set(module.bank.names)
+    for key, value in module.model.state_dict().items():
+        kept = aliases.get(key, key)
+        short = kept[len(module.prefix):] if kept.startswith(module.prefix) else None
+        if short is not None and short in merged_names:
+            t = module.coefficients.merged(module.bank, short)
+        else:
+            t = value.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        yield key, t.cpu().contiguous()
+
+
+def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dtype | None = torch.float32,
+                 overwrite: bool = False, coefficients: bool = True, plot: bool = True) -> dict[str, Tensor] | Path:
+    """See :meth:`LearnedMerge.export <lightning_merge.learned.LearnedMerge.export>`."""
+    if path is None:
+        return dict(iter_merged(module, dtype))
+    with tempfile.TemporaryDirectory(prefix="lm-config-") as tmp:
+        config_dir = module.model_path
+        cfg = getattr(module.model, "config", None)
+        if config_dir is None and cfg is not None and hasattr(cfg, "save_pretrained"):
+            cfg.save_pretrained(tmp)
+            config_dir = tmp
+        out = save_hf_folder(iter_merged(module, dtype), path, config_dir=config_dir, overwrite=overwrite,
+                             metadata={"lightning_merge_method": f"learned_{module.granularity}"})
+    if coefficients:
+        save_coefficients(module, out)
+    if plot:
+        plot_coefficients(module, out / COEFFICIENTS_PNG)
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:
+    """Write ``learned_coefficients.safetensors`` and ``.json`` into ``folder``; returns their paths."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = module.coefficients.table()
+    labels = _model_labels(module)
+    meta = {"granularity": module.granularity, "coefficient_fn": module.coefficients.fn, "models": json.dumps(labels)}
+    st = folder / COEFFICIENTS_ST
+    _atomic_write(st, lambda p: save_file({k: v.contiguous() for k, v in table.items()}, str(p), metadata=meta))
+    summary: dict[str, Any] = {"granularity": module.granularity, "coefficient_fn": module.coefficients.fn,
+                               "models": labels, "tensors": {}}
+    for name, c in table.items():
+        if c.dim() == 1:
+            summary["tensors"][name] = [float(v) for v in c]
+        else:
+            summary["tensors"][name] = {"mean": c.mean(1).tolist(), "min": c.min(1).values.tolist(),
+                                        "max": c.max(1).values.tolist(), "size": int(c.shape[1])}
+    js = folder / COEFFICIENTS_JSON
+    _atomic_write(js, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    return [st, js]
+
+
+def layer_means(module: Any) -> tuple[list[str], list[list[float]]]:
+    """(layers in model order, [model][layer] mean effective coefficient) of the trained tensors
+    (all tensors when none is trained separately, e.g. task granularity)."""
+    table = module.coefficients.table()
+    slots = {s.name: s for s in module.coefficients.slots}
+    names = [n for n in table if n not in slots or slots[n].trainable] or list(table)
+    groups: dict[str, list[Tensor]] = {}
+    for n in names:
+        c = table[n]
+        groups.setdefault(group_of(n), []).append(c if c.dim() == 1 else c.mean(1))
+    layers = list(groups)
+    means = torch.stack([torch.stack(v).mean(0) for v in groups.values()], 1)  # [models, layers]
+    return layers, means.tolist()
+
+
+def plot_coefficients(module: Any, path: str | os.PathLike) -> Path | None:
+    """Mean coefficient per layer and model, as a PNG (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no coefficient plot written (pip install matplotlib)")
+        return None
+    layers, means = layer_means(module)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2), 4))
+    for label, row in zip(_model_labels(module), means):
+        ax.plot(range(len(layers)), row, marker="o", label=label)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("mean effective coefficient")
+    ax.set_title(f"learned merge coefficients ({module.granularity})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    _atomic_write(out, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+    return out

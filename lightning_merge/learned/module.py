@@ -1,0 +1,390 @@
+"""``LearnedMerge``: merge coefficients trained as a LightningModule (AdaMerging, DAM).
+
+The wrapped model (a Hugging Face folder or any ``nn.Module``) keeps the base weights θ₀ in its
+``target`` submodule (frozen, in ``storage_dtype``); an :class:`~lightning_merge.learned.bank.ExpertBank`
+holds every expert's task vector δ_m as frozen buffers; the only ``nn.Parameter``\\ s that train are
+the merge coefficients (:class:`~lightning_merge.learned.coefficients.Coefficients`). Each step
+builds the merged tensors θ*(c) (float32) and runs the model through
+``torch.func.functional_call(model, θ*)``, so gradients reach the coefficients only.
+
+Objectives (``objective``):
+
+* ``"entropy"`` (AdaMerging): Σ_tasks mean H(softmax(z)) of the merged model on unlabelled batches
+  (``labels`` are dropped);
+* ``"dam"`` (spec §8.2): Σ_m dam_kl(z(x_m), z_m(x_m)) over the experts, x_m a batch of expert m's
+  task (``expert_tasks``), z_m the logits of θ₀ + δ_m computed with the same functional call (no
+  model copy; under no_grad);
+* ``"task"``: Σ_tasks the supervised loss of the merged model.
+
+Plus, for every objective: ``similarity_weight`` · Σ_layers mean_{a<b} cos(c_a, c_b) over the
+trained column vectors (granularity ``"column"`` only), ``l1_weight`` · Σ‖c_m‖₁ and
+``l2_weight`` · Σ‖c_m‖₂. Batches are a plain batch dict or a dict ``{task: batch}``
+(:class:`~lightning_merge.learned.data.PerTaskTokensDataModule`); ``dam`` needs the latter.
+
+Memory. Resident: θ₀ (once, the target itself) + the non-zero δ_m, all in ``storage_dtype``, plus
+the coefficients and their Adam states (N × tensors, or N × Σ in_features for ``"column"``).
+During a step: one float32 merged copy of the target (each merged tensor is built by
+:class:`~lightning_merge.learned.combine.Combine`, which keeps only the coefficients for the
+backward; autograd keeps each merged weight for the layer's input gradient), and with ``dam``
+one transient float32 copy of θ_m per teacher forward. Never N float32 model copies.
+
+DDP: the frozen tensors are excluded from DDP's broadcasts (``_ddp_params_and_buffers_to_ignore``;
+every rank reads the same files), the coefficient gradients are averaged, so the coefficients
+stay identical on every rank (a model with layers its forward does not use needs
+``strategy="ddp_find_unused_parameters_true"``, as for any DDP training). Checkpoints hold only
+the coefficients (plus a layout record that is checked on resume); the base and the experts are
+read again from their paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..engine import VocabPolicy
+from ..errors import ConfigError
+from ..lightning.callback import find_target
+from ..sources.resolve import open_source
+from .bank import ExpertBank
+from .coefficients import CoefficientFn, Coefficients, Granularity
+from .config import STORAGE_DTYPES, build_model, check_args, check_path
+from .objectives import (
+    KLNormalization,
+    dam_kl,
+    entropy,
+    l1_penalty,
+    l2_penalty,
+    logits_of,
+    model_inputs,
+    similarity_penalty,
+    split_tasks,
+    task_loss,
+    token_mask,
+)
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["entropy", "dam", "task"]
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+__all__ = ["LearnedMerge"]
+
+
+class LearnedMerge(pl.LightningModule):
+    """Learn merge coefficients (see the module doc for the math, memory and DDP behaviour).
+
+    Args:
+        model: the model to merge into: a Hugging Face folder (loaded with ``model_class``) or an
+            ``nn.Module``. Its ``target`` submodule's weights are the base θ₀ unless ``base`` is given.
+        experts: the fine-tuned experts: HF folders, .safetensors, .ckpt, PEFT LoRA adapter folders
+            (exact dense deltas), or in-memory modules / state dicts.
+        base: the base weights, if not the model's own.
+        target: dotted path of the submodule the experts' tensor names match (``""`` for the model
+            itself); None finds it by key matching, as :class:`~lightning_merge.MergeCallback` does.
+        model_class: ``transformers`` class to load a folder with (``"auto"``: from config.json).
+        model_kwargs: extra ``from_pretrained`` arguments (e.g. ``{num_labels: 4}``).
+        granularity: ``"task"``, ``"tensor"`` (AdaMerging) or ``"column"`` (DAM); see
+            :mod:`~lightning_merge.learned.coefficients`.
+        coefficient_fn: g applied to the raw coefficients (``identity``, ``tanh``, ``sigmoid``,
+            ``relu``, ``softmax`` over the models).
+        init: the initial effective coefficient (default 0.3 for task/tensor, 1/M for column).
+        clamp: ``[lo, hi]`` applied after g, or None.
+        include_base: column granularity: the base is an extra model with its own coefficients.
+        bias_init: column granularity: initial bias coefficient (1.0, as the DAM reference).
+        merge_embeddings, merge_norms: column granularity: train the embedding / norm coefficients
+            (else they stay at 1/M).
+        storage_dtype: dtype of θ₀ and the δ_m (arithmetic is float32 regardless).
+        objective: ``"entropy"``, ``"dam"`` or ``"task"``.
+        temperature, kl_normalization: of the ``dam`` KL (T = 2, ``"reference"`` as the reference code).
+        similarity_weight, l1_weight, l2_weight: the regularizers' weights (DAM defaults 0.01, 0, 0).
+        expert_tasks: the data task of each expert (``dam``); default: the data module's tasks in order.
+        optimizer, lr, weight_decay: Adam (AdaMerging) or AdamW over the coefficients only.
+        dropout: keep the wrapped model's dropout active in training (default off: deterministic;
+            the wrapped model stays in eval mode, so Lightning warns that modules are in eval mode).
+        export_dir: write the merged model there (:meth:`export`) at the end of ``fit``.
+        export_dtype: dtype of the exported weights.
+        overwrite: replace an existing ``export_dir``.
+        vocab_policy: resized vocabularies of the experts (see :func:`~lightning_merge.merge_models`).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        experts: Sequence[Any],
+        *,
+        base: str | None = None,
+        target: str | None = None,
+        model_class: str = "auto",
+        model_kwargs: dict[str, Any] | None = None,
+        granularity: Granularity = "tensor",
+        coefficient_fn: CoefficientFn = "identity",
+        init: float | None = None,
+        clamp: list[float] | None = None,
+        include_base: bool = False,
+        bias_init: float = 1.0,
+        merge_embeddings: bool = False,
+        merge_norms: bool = False,
+        storage_dtype: DTypeName = "float32",
+        objective: Objective = "entropy",
+        temperature: float = 2.0,
+        kl_normalization: KLNormalization = "reference",
+        similarity_weight: float = 0.01,
+        l1_weight: float = 0.0,
+        l2_weight: float = 0.0,
+        expert_tasks: list[str] | None = None,
+        optimizer: Literal["adam", "adamw"] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        dropout: bool = False,
+        export_dir: str | None = None,
+        export_dtype: DTypeName = "float32",
+        overwrite: bool = False,
+        vocab_policy: VocabPolicy = "truncate",
+    ) -> None:
+        super().__init__()
+        args = dict(locals())
+        who = type(self).__name__
+        check_args(who, args)
+        experts = [check_path(who, f"experts[{i}]", e) for i, e in enumerate(experts)]
+        if base is not None:
+            base = check_path(who, "base", base)
+        if isinstance(model, (str, os.PathLike)):
+            check_path(who, "model", model)
+        if all(isinstance(v, str) for v in [model, *experts, *([base] if base is not None else [])]):
+            self.save_hyperparameters()
+        self.granularity, self.objective = granularity, objective
+        self.temperature, self.kl_normalization = float(temperature), kl_normalization
+        self.similarity_weight, self.l1_weight, self.l2_weight = similarity_weight, l1_weight, l2_weight
+        self.expert_tasks = list(expert_tasks) if expert_tasks is not None else None
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.dropout = dropout
+        self.export_dir, self.export_dtype, self.overwrite = export_dir, STORAGE_DTYPES[export_dtype], overwrite
+
+        self.model, self.model_path = build_model(who, model, model_class, model_kwargs)
+        first = open_source(experts[0])
+        try:
+            self.target_name, target_module = find_target(self.model, first, target)
+        finally:
+            first.close()
+        self.prefix = f"{self.target_name}." if self.target_name else ""
+        self.bank = ExpertBank.build(target_module, experts, base=base, storage_dtype=STORAGE_DTYPES[storage_dtype],
+                                     adopt=True, vocab_policy=vocab_policy)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.coefficients = Coefficients(
+            self.bank, granularity, fn=coefficient_fn, init=init, clamp=tuple(clamp) if clamp else None,
+            include_base=include_base, bias_init=bias_init, merge_embeddings=merge_embeddings, merge_norms=merge_norms)
+        if granularity == "column" and not any(s.trainable for s in self.coefficients.slots):
+            raise ConfigError(f"{who}: granularity='column' found no nn.Linear / Conv1D layers in target "
+                              f"'{self.target_name}' to learn; use granularity='tensor'")
+        # every rank reads the same files: keep the frozen tensors out of DDP's broadcasts
+        self._ddp_params_and_buffers_to_ignore = [
+            n for n, _ in self.named_parameters() if not n.startswith("coefficients.")] + [
+            n for n, _ in self.named_buffers()]
+        self.strict_loading = False
+        self._val_params: dict[str, Tensor] | None = None
+        self._val_sums: dict[str, Tensor] = {}
+        footprint = self.bank.nbytes()
+        log.info("%s: %d experts, %d tensors in '%s', %d coefficients; resident base %.1f MB, deltas %.1f MB",
+                 who, self.bank.n_experts, len(self.bank.names), self.target_name or "<model>",
+                 sum(p.numel() for p in self.coefficients.parameters()), footprint["base"] / 2**20,
+                 footprint["deltas"] / 2**20)
+
+    # ---- the merged model
+    def merged_params(self) -> dict[str, Tensor]:
+        """θ*(c) of every target tensor, keyed by the model's names (float32, differentiable in c)."""
+        return {self.prefix + n: t for n, t in self.coefficients.merged_params(self.bank).items()}
+
+    @torch.no_grad()
+    def expert_params(self, m: int) -> dict[str, Tensor]:
+        """θ₀ + δ_m of every target tensor (float32, no grad): expert m as the same model."""
+        return {self.prefix + n: t for n, t in self.bank.expert_params(m).items()}
+
+    def call(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any]) -> Any:
+        """Run the wrapped model with ``params`` in place of its target's tensors."""
+        return functional_call(self.model, dict(params), args=(), kwargs=dict(inputs), tie_weights=True, strict=False)
+
+    def forward(self, **inputs: Any) -> Any:
+        """The merged model's output for HF-style keyword inputs."""
+        return self.call(self.merged_params(), inputs)
+
+    def train(self, mode: bool = True) -> LearnedMerge:
+        super().train(mode)
+        if not self.dropout:
+            self.model.eval()  # only the coefficients learn: no dropout noise unless asked for
+        return self
+
+    # ---- data
+    def setup(self, stage: str) -> None:
+        if self.objective != "dam" or stage != "fit":
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "train_tasks", None) or getattr(dm, "task_names", None)
+        n = self.bank.n_experts
+        if self.expert_tasks is None:
+            if not names or len(names) < n:
+                raise ConfigError(f"LearnedMerge: objective='dam' pairs each of the {n} experts with its task's "
+                                  f"data, but the data module names {list(names or [])}; set expert_tasks")
+            self.expert_tasks = list(names)[:n]
+        elif names:
+            missing = [t for t in self.expert_tasks if t not in names]
+            if missing:
+                raise ConfigError(f"LearnedMerge: expert_tasks {missing} are not tasks of the data module "
+                                  f"({list(names)})")
+
+    # ---- objectives
+    def objective_loss(self, batch: Any) -> Tensor:
+        """The objective of one batch (without the regularizers)."""
+        tasks = split_tasks(batch)
+        params = self.merged_params()
+        terms: list[Tensor] = []
+        if self.objective == "dam":
+            expert_tasks = self.expert_tasks or list(tasks)[: self.bank.n_experts]
+            missing = [t for t in expert_tasks if t not in tasks]
+            if missing or len(expert_tasks) < self.bank.n_experts:
+                raise ConfigError(f"LearnedMerge: objective='dam' needs a batch of each expert's task {expert_tasks}; "
+                                  f"the batch has {list(tasks)} (use a per-task data module, e.g. "
+                                  "PerTaskTokensDataModule, and set expert_tasks)")
+            for m, task in enumerate(expert_tasks):
+                inputs = model_inputs(tasks[task], labels=False)
+                z = logits_of(self.call(params, inputs))
+                with torch.no_grad():
+                    z_m = logits_of(self.call(self.expert_params(m), inputs))
+                terms.append(dam_kl(z, z_m, token_mask(z, inputs), temperature=self.temperature,
+                                    normalization=self.kl_normalization))
+        else:
+            for b in tasks.values():
+                inputs = model_inputs(b, labels=self.objective == "task")
+                out = self.call(params, inputs)
+                if self.objective == "task":
+                    terms.append(task_loss(out, inputs))
+                else:
+                    z = logits_of(out)
+                    terms.append(entropy(z, token_mask(z, inputs)))
+        return torch.stack(terms).sum()
+
+    def regularization(self) -> Tensor | None:
+        """similarity + L1 + L2 terms (None when all are off)."""
+        c = self.coefficients
+        terms = []
+        if self.similarity_weight and c.granularity == "column":
+            sim = similarity_penalty(v for _, v in c.trainable_vectors())
+            if sim is not None:
+                terms.append(self.similarity_weight * sim)
+        trained = [c.activate(p) for p in c.values.values()]
+        if self.l1_weight and (t := l1_penalty(trained)) is not None:
+            terms.append(self.l1_weight * t)
+        if self.l2_weight and (t := l2_penalty(trained)) is not None:
+            terms.append(self.l2_weight * t)
+        return torch.stack(terms).sum() if terms else None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        obj = self.objective_loss(batch)
+        reg = self.regularization()
+        loss = obj if reg is None else obj + reg
+        size = sum(len(next(iter(b.values()))) for b in split_tasks(batch).values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log(f"train/{self.objective}", obj, batch_size=size)
+        return loss
+
+    # ---- validation: the merged model per task
+    def on_validation_epoch_start(self) -> None:
+        with torch.no_grad():
+            self._val_params = {k: v.detach() for k, v in self.merged_params().items()}
+        self._val_sums: dict[str, Tensor] = {}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/acc_mean`` and ``val/entropy_mean``: the mean over the tasks of each task's
+        value over all its examples (summed over the ranks)."""
+        self._val_params = None
+        for metric in ("acc", "entropy"):
+            per_task = []
+            for key, sums in sorted(self._val_sums.items()):
+                if key.endswith(f"/{metric}"):
+                    total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+                    per_task.append(total[0] / total[1].clamp_min(1))
+            if per_task:
+                self.log(f"val/{metric}_mean", torch.stack(per_task).mean(), add_dataloader_idx=False, sync_dist=True)
+        self._val_sums = {}
+
+    def _accumulate(self, key: str, values: Tensor) -> None:
+        sums = self._val_sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=values.device))
+        sums += torch.stack([values.double().sum(), torch.tensor(float(values.numel()), device=values.device)])
+
+    def _task_name(self, idx: int) -> str:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "val_task_names", None) or getattr(dm, "task_names", None) or []
+        return names[idx] if idx < len(names) else f"task{idx}"
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        params = self._val_params if self._val_params is not None else self.merged_params()
+        for task, b in split_tasks(batch).items():
+            name = task or self._task_name(dataloader_idx)
+            inputs = model_inputs(b, labels=True)
+            out = self.call(params, inputs)
+            z = logits_of(out)
+            size = len(z)
+            kw = dict(on_epoch=True, add_dataloader_idx=False, sync_dist=True, batch_size=size)
+            h = entropy(z, token_mask(z, inputs))
+            self.log(f"val/{name}/entropy", h, **kw)
+            self._accumulate(f"{name}/entropy", h.detach().expand(size))
+            labels = inputs.get("labels")
+            if isinstance(labels, Tensor):
+                self.log(f"val/{name}/loss", task_loss(out, inputs), **kw)
+                if z.dim() == 2 and labels.dim() == 1:
+                    hits = (z.argmax(-1) == labels).float()
+                    self.log(f"val/{name}/acc", hits.mean(), **kw)
+                    self._accumulate(f"{name}/acc", hits)
+
+    # ---- optimization, checkpoints, export
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = list(self.coefficients.parameters())
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def layout(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "tensors": list(self.bank.names),
+                "experts": self.bank.n_experts, "models": self.coefficients.n_models}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if not k.startswith("coefficients.")]:
+            del sd[k]  # the base and the experts are read again from their paths
+        checkpoint["learned_merge"] = self.layout()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("learned_merge")
+        if saved is not None and saved != self.layout():
+            diff = [k for k in saved if saved.get(k) != self.layout().get(k)]
+            raise ConfigError(f"LearnedMerge: the checkpoint was made with another merge layout (differs in {diff}); "
+                              "resume with the same model, experts and granularity")
+        sd = checkpoint.get("state_dict")
+        if isinstance(sd, dict):
+            for k, v in self.state_dict().items():  # the frozen tensors were left out on save: keep ours
+                sd.setdefault(k, v)
+
+    def on_train_end(self) -> None:
+        if self.export_dir is None:
+            return
+        if self.trainer.is_global_zero:
+            self.export(self.export_dir, overwrite=self.overwrite)
+        self.trainer.strategy.barrier("learned_merge_export")
+
+    def export(self, path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
+               overwrite: bool = False, coefficients: bool = True, plot: bool = True) -> dict[str, Tensor] | Path:
+        """The merged model as a plain model: a state dict (``path=None``) or an HF folder written
+        atomically, with the learned coefficients (``learned_coefficients.{safetensors,json}``)
+        and a plot of them by layer (``learned_coefficients.png``). See :mod:`.export`."""
+        from .export import export_model
+
+        return export_model(self, path, dtype=dtype or self.export_dtype, overwrite=overwrite,
+                            coefficients=coefficients, plot=plot)

@@ -44,7 +44,7 @@ from torch import Tensor
 from ..engine import MergePlan, build_plan, compute_statistics
 from ..errors import ConfigError, MergeError
 from ..methods.base import MergeMethod, TensorInputs
-from ..methods.dppa import DPPA, dpa_amplify, is_prunable, prune_mask
+from ..methods.dppa import DPPA
 from .search import BaseMergeSearch, CacheDevice, Proposal, build_candidate
 from .search_cache import SearchInputs
 
@@ -104,14 +104,14 @@ def geomean_relative(metrics: Mapping[str, Any], dense_scores: Mapping[str, floa
 
 @dataclass(frozen=True, kw_only=True)
 class MaskCachedDPPA(DPPA):
-    """:class:`DPPA` that keeps each (tensor, expert)'s two DP masks in ``masks`` and reuses them.
+    """:class:`DPPA` that keeps each (tensor, expert)'s two DP masks in ``masks_cache`` and reuses them.
 
     Only valid while the inputs do not change (the deltas cached by a search) and for one set of
-    densities: :meth:`with_params` for other α values keeps sharing the same ``masks`` dict. Not
+    densities: :meth:`with_params` for other α values keeps sharing the same ``masks_cache`` dict. Not
     registered (``get_method("dppa")`` stays :class:`DPPA`).
     """
 
-    masks: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    masks_cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def with_params(self, **params: Any) -> MergeMethod:
         if {"density_top", "density_band", "density_adjust", "layer_outlier_multiple",
@@ -122,25 +122,12 @@ class MaskCachedDPPA(DPPA):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(DPPA)}}
 
-    def amplified(self, inputs: TensorInputs) -> list[Tensor]:
-        prunable = bool(inputs.tensors) and is_prunable(inputs.name, inputs.tensors[0].dim())
-        out = []
-        for i, d in enumerate(inputs.tensors):
-            e = inputs.experts[i]
-            a_top, a_band = inputs.per_expert(self.alpha_top, i), inputs.per_expert(self.alpha_band, i)
-            if not prunable:
-                out.append(d * max(a_top, a_band) if self.amplify_unpruned else d)
-                continue
-            masks = self.masks.get((inputs.name, e))
-            if masks is None:
-                st = (inputs.stats or {}).get("experts", {}).get(e) if isinstance(inputs.stats, dict) else None
-                if st is None or inputs.name not in st.density_top:
-                    return super().amplified(inputs)  # raises DPPA's own error
-                masks = (prune_mask(d, st.density_top[inputs.name], compat=self.dppa_compat),
-                         prune_mask(d, st.density_band[inputs.name], compat=self.dppa_compat))
-                self.masks[(inputs.name, e)] = masks
-            out.append(dpa_amplify(d, masks[0], masks[1], a_top, a_band))
-        return out
+    def masks(self, inputs: TensorInputs, i: int, d: Tensor) -> tuple[Tensor, Tensor]:
+        """DPPA's masks, computed once per (tensor, expert) and reused for every α."""
+        key = (inputs.name, inputs.experts[i])
+        if key not in self.masks_cache:
+            self.masks_cache[key] = super().masks(inputs, i, d)
+        return self.masks_cache[key]
 
 
 class DPPAAlphaSearch(BaseMergeSearch):
@@ -248,7 +235,7 @@ class DPPAAlphaSearch(BaseMergeSearch):
                 "base": self.base, "target": self.target}
 
     def _proposals(self) -> Generator[Proposal, float, None]:
-        self._template.masks.clear()
+        self._template.masks_cache.clear()
         self._stats = None
         search = alpha_coordinate_ascent(self.start, self.step, self.band_start, self.max_evals, self.better)
         try:
@@ -274,5 +261,5 @@ class DPPAAlphaSearch(BaseMergeSearch):
         try:
             super()._search(trainer, pl_module)
         finally:
-            self._template.masks.clear()  # the cached deltas are gone after the search: so are the masks
+            self._template.masks_cache.clear()  # the cached deltas are gone after the search: so are the masks
             self._stats = None

@@ -363,22 +363,26 @@ class DPPA(DeltaMethod):
         prunable = bool(inputs.tensors) and is_prunable(inputs.name, inputs.tensors[0].dim())
         out = []
         for i, d in enumerate(inputs.tensors):
-            e = inputs.experts[i]
             a_top, a_band = inputs.per_expert(self.alpha_top, i), inputs.per_expert(self.alpha_band, i)
             if not prunable:
                 out.append(d * max(a_top, a_band) if self.amplify_unpruned else d)
                 continue
-            st = (inputs.stats or {}).get("experts", {}).get(e) if isinstance(inputs.stats, dict) else None
-            if st is None or inputs.name not in st.density_top:
-                raise MergeError(
-                    f"dppa: no pruning statistics for tensor '{inputs.name}' of expert {e}; run the "
-                    "statistics passes over every tensor first (engine.compute_statistics, or run_plan "
-                    "which does it)"
-                )
-            top = prune_mask(d, st.density_top[inputs.name], compat=self.dppa_compat)
-            band = prune_mask(d, st.density_band[inputs.name], compat=self.dppa_compat)
+            top, band = self.masks(inputs, i, d)
             out.append(dpa_amplify(d, top, band, a_top, a_band))
         return out
+
+    def masks(self, inputs: TensorInputs, i: int, d: Tensor) -> tuple[Tensor, Tensor]:
+        """(top, band) keep masks of entry ``i`` (delta ``d``) from the statistics passes' densities."""
+        e = inputs.experts[i]
+        st = (inputs.stats or {}).get("experts", {}).get(e) if isinstance(inputs.stats, dict) else None
+        if st is None or inputs.name not in st.density_top:
+            raise MergeError(
+                f"dppa: no pruning statistics for tensor '{inputs.name}' of expert {e}; run the "
+                "statistics passes over every tensor first (engine.compute_statistics, or run_plan "
+                "which does it)"
+            )
+        return (prune_mask(d, st.density_top[inputs.name], compat=self.dppa_compat),
+                prune_mask(d, st.density_band[inputs.name], compat=self.dppa_compat))
 
     def combine(self, inputs: TensorInputs) -> Tensor:
         x = self.amplified(inputs)

@@ -29,3 +29,11 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     # data) gives the score the notebook measured for that merge with merge_models
     best = namespace["results"][namespace["best_name"]][namespace["best_density"]]
     assert metrics["val/acc_mean"] == pytest.approx(best, abs=1e-4)
+    # AdaMerging: only the coefficients moved (from 0.3), the export has them, the plot is written
+    learned = namespace["learned_scores"]
+    assert set(learned) == {"task arithmetic λ=0.3", "AdaMerging (layer-wise)"}
+    assert all(0.0 <= v <= 1.0 for s in learned.values() for v in s.values())
+    lam = namespace["adamerging"].coefficients.table()
+    assert any(abs(float(c.max()) - 0.3) > 1e-3 for c in lam.values())
+    assert (namespace["learned_dir"] / "learned_coefficients.json").is_file()
+    assert namespace["coef_plot_path"].stat().st_size > 10_000

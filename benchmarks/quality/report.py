@@ -1,9 +1,11 @@
 """Tables, paired tests of the papers' claims, and plots from a quality benchmark results file.
 
-    python benchmarks/quality/report.py [--results benchmarks/quality/results.json]
+    python benchmarks/quality/report.py [--results benchmarks/quality/results.json [more.json ...]] [--out R.md]
 
-Writes ``<results stem>.md`` (the report) and ``<results stem>_drop.png`` / ``_tasks.png`` beside the
-results file.
+Several results files (e.g. ``results.json`` from ``run.py`` and ``results_learned.json`` from
+``learned.py``) are read as one: their rows are concatenated and their ``meta`` (tasks, split sizes,
+base model) must agree. Writes ``--out`` (default: the first results file with suffix ``.md``) and
+``<out stem>_<regime>_drop.png`` / ``_tasks.png`` beside it.
 
 Statistics:
 
@@ -37,8 +39,13 @@ LABELS = {
     "soup": "soup (average)", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES",
     "dare_linear": "DARE-linear", "dare_ties_norescale": "DARE-TIES, no rescale", "della": "DELLA (row rank)",
     "della_layer": "DELLA (tensor rank)", "dppa": "DPPA", "adaptive_rms_pooled": "adaptive-RMS (CV<=50 branch)",
-    "adaptive_rms_own": "adaptive-RMS (CV>50 branch)",
+    "adaptive_rms_own": "adaptive-RMS (CV>50 branch)", "adamerging_layer": "AdaMerging (layer-wise)",
+    "adamerging_task": "AdaMerging (task-wise)", "dam": "DAM",
 }
+#: the families whose coefficients are trained on data (``learned.py``); every other merge is static
+LEARNED = ("adamerging_layer", "adamerging_task", "dam")
+#: parameters left out of the setting labels (constant within a family)
+UNLABELLED = ("normalize", "objective", "granularity", "data")
 
 
 def unpack(s: str, n: int) -> np.ndarray:
@@ -87,7 +94,7 @@ class Setting:
         return statistics.fmean(self.acc(t) / own[t] for t in self.tasks)
 
     def label(self) -> str:
-        p = {k: v for k, v in self.params.items() if k not in ("normalize",)}
+        p = {k: v for k, v in self.params.items() if k not in UNLABELLED}
         return f"{LABELS.get(self.family, self.family)} " + ", ".join(f"{k}={v}" for k, v in p.items())
 
 
@@ -109,27 +116,44 @@ def verdict(lo: float, hi: float) -> str:
     return "holds" if lo > 0 else ("reversed" if hi < 0 else "not distinguishable")
 
 
-def load(path: Path) -> tuple[dict[str, Any], list[Setting]]:
-    data = json.loads(path.read_text())
-    tasks = data["meta"]["tasks"]
+def load(paths: list[Path]) -> tuple[dict[str, Any], list[Setting]]:
+    """The settings of the rows of every file in ``paths`` (their ``meta`` must be equal)."""
+    meta: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if meta is not None and data["meta"] != meta:
+            raise SystemExit(f"{path}: its meta {data['meta']} differs from {paths[0]}'s {meta}; the files are "
+                             "not from the same benchmark settings")
+        meta = data["meta"]
+        rows += data["rows"]
+    assert meta is not None
+    tasks = meta["tasks"]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in data["rows"]:
+    for r in rows:
         k = json.dumps([r["regime"], r["kind"], r["name"], r["params"], r.get("family")], sort_keys=True)
         groups[k].append(r)
-    return data["meta"], [Setting(rows, tasks) for rows in groups.values()]
+    return meta, [Setting(g, tasks) for g in groups.values()]
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def report(path: Path) -> str:
-    meta, settings = load(path)
+def _shown(path: Path) -> str:
+    return f"`{path.relative_to(HERE.parents[1]) if path.is_relative_to(HERE.parents[1]) else path}`"
+
+
+def report(paths: list[Path], out: Path) -> str:
+    """The markdown report of the results files ``paths``; plots are written beside ``out``."""
+    meta, settings = load(paths)
     tasks = meta["tasks"]
-    base = next(s for s in settings if s.kind == "base")
+    base = next((s for s in settings if s.kind == "base"), None)
+    if base is None:
+        raise SystemExit(f"no base-model row in {[str(p) for p in paths]}; pass run.py's results file too")
     lines = [f"# Quality benchmark ({meta['mode']}): all-MiniLM-L6-v2, {len(tasks)} tasks",
-             "", f"Results: `{path.relative_to(HERE.parents[1]) if path.is_relative_to(HERE.parents[1]) else path}`; "
-             f"test examples per task: " + ", ".join(f"{t} {len(base.bits[t])}" for t in tasks) + ".", ""]
+             "", "Results: " + ", ".join(_shown(p) for p in paths) + "; "
+             "test examples per task: " + ", ".join(f"{t} {len(base.bits[t])}" for t in tasks) + ".", ""]
     regimes = [r for r in ("full", "lora") if any(s.regime == r for s in settings)]
     for regime in regimes:
         experts = {s.rows[0]["task"]: s for s in settings if s.regime == regime and s.kind == "expert"}
@@ -167,7 +191,7 @@ def report(path: Path) -> str:
                          f"| {verdict(lo, hi)} |")
         lines += ["", "Best drop rate per family: " + "; ".join(
             f"{LABELS.get(f, f)} {s.drop}" for f, s in sorted(best.items()) if s.drop is not None), ""]
-        stem = path.with_suffix("")
+        stem = out.with_suffix("")
         plot_drop(merges, own, stem.with_name(f"{stem.name}_{regime}_drop.png"), regime)
         plot_tasks(base, experts, best, tasks, stem.with_name(f"{stem.name}_{regime}_tasks.png"), regime)
         lines += [f"![score against drop rate]({stem.name}_{regime}_drop.png)",
@@ -199,6 +223,14 @@ def claims(best: dict[str, Setting], merges: list[Setting]) -> list[tuple[str, S
         a, b = by_key.get(("dare_ties", p)), by_key.get(("dare_ties_norescale", p))
         if a is not None and b is not None:
             out.append((f"rescaling matters (DARE-TIES with vs without 1/(1-p)), p={p}", a, b))
+    if "adamerging_layer" in best and "task_arithmetic" in best:
+        out.append(("layer-wise AdaMerging beats task arithmetic (paper, ViT-B/32, 8 tasks: +11.0)",
+                    best["adamerging_layer"], best["task_arithmetic"]))
+    learned = [s for f, s in best.items() if f in LEARNED]
+    static = [s for f, s in best.items() if f not in LEARNED]
+    if learned and static:
+        out.append(("the best learned merge beats the best static merge", max(learned, key=lambda s: s.mean),
+                    max(static, key=lambda s: s.mean)))
     return out
 
 
@@ -257,10 +289,12 @@ def _save(fig: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--results", type=Path, default=HERE / "results.json")
+    ap.add_argument("--results", type=Path, nargs="+", default=[HERE / "results.json"],
+                    help="one or more results files (rows concatenated; their meta must agree)")
+    ap.add_argument("--out", type=Path, default=None, help="the report (default: the first results file's .md)")
     args = ap.parse_args(argv)
-    text = report(args.results)
-    out = args.results.with_suffix(".md")
+    out = args.out or args.results[0].with_suffix(".md")
+    text = report(args.results, out)
     out.write_text(text + "\n")
     print(text)  # noqa: T201 - a script's output
     return 0

@@ -46,6 +46,7 @@ log = logging.getLogger("quality")
 TASKS = ("sentiment", "subjectivity", "topic", "supersense")
 DROPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SEEDS = (0, 1, 2)
+MAX_LENGTH = 48
 
 #: expert training per regime
 REGIMES: dict[str, dict[str, Any]] = {
@@ -97,6 +98,16 @@ def grid(quick: bool) -> list[dict[str, Any]]:
                             "params": {"drop_rate": p, "cv_threshold": thr, "lambda": 1.0}, "seeds": seeds,
                             "drop": p})
     return out
+
+
+def settings(quick: bool) -> tuple[tuple[str, ...], dict[str, int], dict[str, int], dict[str, Any]]:
+    """(tasks, split sizes, the topic task's sizes, the results file's ``meta``) of a mode."""
+    tasks = TASKS if WORDNET_NOUNS.is_file() else tuple(t for t in TASKS if t != "supersense")
+    sizes = {"probe": 500, "train": 1000 if quick else 2000, "test": 500 if quick else 2000}
+    topic = {"train": 800, "test": -1}  # ~2.1k headlines: 500 probe, 800 train, the rest (~796) test
+    meta = {"mode": "quick" if quick else "full", "tasks": list(tasks), "sizes": sizes, "topic_sizes": topic,
+            "base": "all-MiniLM-L6-v2"}
+    return tasks, sizes, topic, meta
 
 
 def key(regime: str, kind: str, name: str, params: dict[str, Any], seed: int) -> str:
@@ -170,15 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     regimes = args.regimes or (["full"] if quick else ["full", "lora"])
-    tasks = TASKS if WORDNET_NOUNS.is_file() else tuple(t for t in TASKS if t != "supersense")
-    sizes = {"probe": 500, "train": 1000 if quick else 2000, "test": 500 if quick else 2000}
-    topic = {"train": 800, "test": -1}  # ~2.1k headlines: 500 probe, 800 train, the rest (~796) test
-    mode = "quick" if quick else "full"
+    tasks, sizes, topic, meta = settings(quick)
+    mode = meta["mode"]
     work = args.workdir / mode
     files = prepare(work / "data", list(tasks), sizes, task_sizes={"topic": topic})
-    exp = Experiment(base=minilm_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=48)
+    exp = Experiment(base=minilm_dir(), files=files, heads=str(work / "heads.safetensors"), max_length=MAX_LENGTH)
     prepare_heads(exp)
-    meta = {"mode": mode, "tasks": list(tasks), "sizes": sizes, "topic_sizes": topic, "base": "all-MiniLM-L6-v2"}
     results = args.results or HERE / f"results{'_quick' if quick else ''}.json"
     store = Store(results, meta)
     t_start = time.perf_counter()

@@ -5,7 +5,7 @@ methods (:func:`compute_sens_factors`, :class:`SensMergeCallback`, :class:`SensS
 from .bank import ExpertBank
 from .coefficients import Coefficients, Slot, classify
 from .combine import Combine, combine
-from .data import PerTaskTokensDataModule
+from .data import PerTaskTextDataModule, PerTaskTokensDataModule
 from .module import LearnedMerge
 from .objectives import dam_kl, entropy, l1_penalty, l2_penalty, similarity_penalty, task_loss
 from .sens import SensFactors, compute_sens_factors, sens_factors, sens_statistics
@@ -16,6 +16,7 @@ __all__ = [
     "Combine",
     "ExpertBank",
     "LearnedMerge",
+    "PerTaskTextDataModule",
     "PerTaskTokensDataModule",
     "SensFactors",
     "SensMergeCallback",

@@ -197,6 +197,8 @@ class Coefficients(nn.Module):
         return {n: self.merged(bank, n) for n in (names or self.names)}
 
     def table(self) -> dict[str, Tensor]:
-        """Effective coefficients per tensor (detached, CPU): ``[models]`` or ``[models, size]``."""
+        """Effective coefficients per tensor (detached, CPU): ``[models]`` or ``[models, size]``; each
+        its own copy (granularity ``"task"`` with ``identity`` would otherwise give every tensor the
+        same storage, which safetensors refuses to save)."""
         with torch.no_grad():
-            return {n: self.effective(n).detach().float().cpu() for n in self.names}
+            return {n: self.effective(n).detach().float().cpu().clone() for n in self.names}

@@ -4,7 +4,9 @@ The merged tensors are built one at a time (no_grad) and streamed to the package
 writers (:func:`~lightning_merge.targets.hf.save_hf_folder`), so exporting needs O(largest tensor)
 extra memory. The written model is the wrapped model's state dict with every target tensor
 replaced by θ*(c): loading it with ``from_pretrained`` gives the wrapper's outputs up to the
-export dtype's rounding (float32 by default: identical arithmetic).
+export dtype's rounding (float32 by default: identical arithmetic). With ``target_only`` only the
+target submodule is written (names relative to it, the target's own ``config``): e.g. the merged
+encoder of a :class:`~lightning_merge.lightning.encoder.TaskLogits` wrapper, without its heads.
 
 Files beside the weights:
 
@@ -46,14 +48,20 @@ def _model_labels(module: Any) -> list[str]:
     return labels + (["base"] if module.coefficients.include_base else [])
 
 
+def _target(module: Any) -> Any:
+    return module.model.get_submodule(module.target_name) if module.target_name else module.model
+
+
 @torch.no_grad()
-def iter_merged(module: Any, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
-    """``(name, tensor)`` of the wrapped model's state dict with the target tensors merged."""
-    aliases = ModuleSource(module.model).aliases
+def iter_merged(module: Any, dtype: torch.dtype | None, *, target_only: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the wrapped model's state dict with the target tensors merged (with
+    ``target_only``: of the target submodule's state dict, names relative to it)."""
+    root, prefix = (_target(module), "") if target_only else (module.model, module.prefix)
+    aliases = ModuleSource(root).aliases
     merged_names = set(module.bank.names)
-    for key, value in module.model.state_dict().items():
+    for key, value in root.state_dict().items():
         kept = aliases.get(key, key)
-        short = kept[len(module.prefix):] if kept.startswith(module.prefix) else None
+        short = kept[len(prefix):] if kept.startswith(prefix) else None
         if short is not None and short in merged_names:
             t = module.coefficients.merged(module.bank, short)
         else:
@@ -64,17 +72,20 @@ def iter_merged(module: Any, dtype: torch.dtype | None) -> Iterator[tuple[str, T
 
 
 def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dtype | None = torch.float32,
-                 overwrite: bool = False, coefficients: bool = True, plot: bool = True) -> dict[str, Tensor] | Path:
+                 overwrite: bool = False, coefficients: bool = True, plot: bool = True,
+                 target_only: bool = False) -> dict[str, Tensor] | Path:
     """See :meth:`LearnedMerge.export <lightning_merge.learned.LearnedMerge.export>`."""
     if path is None:
-        return dict(iter_merged(module, dtype))
+        return dict(iter_merged(module, dtype, target_only=target_only))
+    whole = not target_only or not module.target_name
     with tempfile.TemporaryDirectory(prefix="lm-config-") as tmp:
-        config_dir = module.model_path
-        cfg = getattr(module.model, "config", None)
+        config_dir = module.model_path if whole else None
+        cfg = getattr(module.model if whole else _target(module), "config", None)
         if config_dir is None and cfg is not None and hasattr(cfg, "save_pretrained"):
             cfg.save_pretrained(tmp)
             config_dir = tmp
-        out = save_hf_folder(iter_merged(module, dtype), path, config_dir=config_dir, overwrite=overwrite,
+        out = save_hf_folder(iter_merged(module, dtype, target_only=target_only), path, config_dir=config_dir,
+                             overwrite=overwrite,
                              metadata={"lightning_merge_method": f"learned_{module.granularity}"})
     if coefficients:
         save_coefficients(module, out)

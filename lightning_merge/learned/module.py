@@ -380,11 +380,14 @@ class LearnedMerge(pl.LightningModule):
         self.trainer.strategy.barrier("learned_merge_export")
 
     def export(self, path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
-               overwrite: bool = False, coefficients: bool = True, plot: bool = True) -> dict[str, Tensor] | Path:
+               overwrite: bool = False, coefficients: bool = True, plot: bool = True,
+               target_only: bool = False) -> dict[str, Tensor] | Path:
         """The merged model as a plain model: a state dict (``path=None``) or an HF folder written
         atomically, with the learned coefficients (``learned_coefficients.{safetensors,json}``)
-        and a plot of them by layer (``learned_coefficients.png``). See :mod:`.export`."""
+        and a plot of them by layer (``learned_coefficients.png``). ``target_only``: only the merged
+        target submodule (names relative to it), e.g. an encoder without its task heads. See
+        :mod:`.export`."""
         from .export import export_model
 
         return export_model(self, path, dtype=dtype or self.export_dtype, overwrite=overwrite,
-                            coefficients=coefficients, plot=plot)
+                            coefficients=coefficients, plot=plot, target_only=target_only)

@@ -22,6 +22,12 @@ the same heads and the score differences come from the encoder alone.
 
 Validation / test: one dataloader per task, logged as in :mod:`lightning_merge.lightning.tasks`
 (``val/<task>/acc``, ``val/<task>/f1``, ``val/acc_mean``, ...; ``normalized`` with ``expert_scores``).
+
+Learned merges: :meth:`EncoderClassifier.task_logits` gives the ``[B, C]`` logits of a batch of one
+task, and :class:`TaskLogits` wraps the classifier as a model of keyword inputs for
+:class:`~lightning_merge.learned.LearnedMerge` (``target="classifier.model"``: AdaMerging / DAM learn
+the encoder's merge coefficients through the frozen heads; ``export(target_only=True)`` writes the
+merged encoder as a folder ``EncoderClassifier`` loads).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ from .tasks import DType, Finetune, _HFTaskModule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncoderClassifier", "fit_probe_heads", "load_heads", "mean_pool", "save_heads"]
+__all__ = ["EncoderClassifier", "TaskLogits", "fit_probe_heads", "load_heads", "mean_pool", "save_heads"]
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -226,6 +232,10 @@ class EncoderClassifier(_HFTaskModule):
         names = getattr(dm, "task_names", None)
         if names is None:
             return
+        self.set_task_names(names)
+
+    def set_task_names(self, names: Sequence[str]) -> None:
+        """Route data-module task index ``i`` (a batch's ``task``) to the head named ``names[i]``."""
         missing = [t for t in names if t not in self.heads]
         if missing:
             raise ConfigError(f"EncoderClassifier: no head for task(s) {missing} of the data module; the heads file "
@@ -250,6 +260,18 @@ class EncoderClassifier(_HFTaskModule):
             for j, r in enumerate(rows.tolist()):
                 logits[r] = out[j]
         return logits  # type: ignore[return-value]
+
+    def task_logits(self, input_ids: Tensor, attention_mask: Tensor, task: Tensor | int) -> Tensor:
+        """The ``[B, C]`` logits of a batch of ONE task (data-module index ``task``, an int or a tensor
+        whose entries are all equal) through that task's head: ``torch.stack(self(...))``, batched."""
+        if isinstance(task, Tensor):
+            ids = task.unique()
+            if ids.numel() != 1:
+                raise ConfigError(f"EncoderClassifier.task_logits: the batch mixes tasks {ids.tolist()}; it takes the "
+                                  "rows of one task (use forward() for mixed batches)")
+            task = int(ids)
+        head = list(self.heads.values())[int(self.task_map[task])]
+        return head(self.embed(input_ids, attention_mask))
 
     def _loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         logits = self(batch["input_ids"], batch["attention_mask"], batch["task"])
@@ -318,3 +340,33 @@ class EncoderClassifier(_HFTaskModule):
 
         with atomic_output_dir(Path(path), overwrite=overwrite) as tmp:
             self.model.save_pretrained(tmp)
+
+
+class TaskLogits(nn.Module):
+    """An :class:`EncoderClassifier` as a plain model of Hugging Face-style keyword inputs, for
+    :class:`~lightning_merge.learned.LearnedMerge` (AdaMerging / DAM over the shared encoder).
+
+    ``forward(input_ids=..., attention_mask=..., task=...)`` returns the ``[B, C]`` logits tensor of
+    a batch of one task (:meth:`EncoderClassifier.task_logits`); other keywords (``labels``) are
+    ignored. The encoder is ``classifier.model``, so ``LearnedMerge(TaskLogits(clf), experts,
+    target="classifier.model")`` merges the encoder only; the heads are not a merge target and stay
+    as they are (frozen).
+
+    Args:
+        classifier: the encoder and its task heads.
+        task_names: the data module's task names (batch ``task`` ``i`` is ``task_names[i]``);
+            default: the heads file's order.
+    """
+
+    def __init__(self, classifier: EncoderClassifier, task_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        if task_names is not None:
+            classifier.set_task_names(task_names)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.classifier.model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: Tensor | int, **_: Any) -> Tensor:
+        return self.classifier.task_logits(input_ids, attention_mask, task)

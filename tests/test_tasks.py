@@ -114,12 +114,14 @@ def test_text_classification_files(tmp_path, models):
     dm.setup("fit")
     assert dm.label_names == {"a": ["neg", "pos"]} and dm.num_labels == 2
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task"}
+    assert batch["task"].tolist() == [0, 0]  # the index of task "a" in dm.task_names
     assert len(dm.train_dataloader().dataset) == 2  # limit
     val = next(iter(dm.val_dataloader()[0]))
-    assert val["input_ids"].tolist() == [[2, 9], [3, 0]]  # padded to the batch's longest row with [PAD] = 0
-    assert val["attention_mask"].tolist() == [[1, 1], [1, 0]]
-    assert val["labels"].tolist() == [0, 1]
+    # evaluation rows ordered by length, padded to the batch's longest row with [PAD] = 0
+    assert val["input_ids"].tolist() == [[3, 0], [2, 9]]
+    assert val["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert val["labels"].tolist() == [1, 0]
     dm = TextClassificationDataModule(models["clf"], val_files={"b": str(b_val), "a": str(a_val)},
                                       text_column="sentence", label_column="y")
     assert dm.val_task_names == ["b", "a"]

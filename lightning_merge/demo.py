@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger("lightning_merge.demo")
 
 TASKS = ("sentiment", "subjectivity", "topic", "supersense")
@@ -229,20 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
+    from .lightning.workflow import quiet_runtime
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    import warnings
-
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", category=UserWarning)
+    quiet_runtime(args.threads)
+    log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from .corpora import WORDNET_NOUNS

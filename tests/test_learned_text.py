@@ -9,15 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from test_learned_helpers import trainer_kwargs
+from text_helpers import MINILM, tiny_text_experiment
 
 from lightning_merge import TaskArithmetic, merge_models
-from lightning_merge.corpora import minilm_dir, prepare
-from lightning_merge.errors import ConfigError, SourceError
-
-try:
-    MINILM = minilm_dir()
-except SourceError:  # pragma: no cover - `make test` installs it
-    MINILM = None
+from lightning_merge.errors import ConfigError
 
 TASKS = ["sentiment", "topic"]
 
@@ -28,20 +23,10 @@ def tiny_setup(tmp_path_factory):
     "experts": the base with random task vectors on every tensor but the (frozen) word embeddings."""
     if MINILM is None:
         pytest.skip("offline data packages missing")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lightning_merge.lightning.workflow import Experiment, prepare_heads
+    from transformers import BertModel
 
     root = tmp_path_factory.mktemp("learned_text")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(root / "base")
-    AutoTokenizer.from_pretrained(MINILM).save_pretrained(root / "base")
-    files = prepare(root / "data", TASKS, {"probe": 48, "train": 32, "val": 16, "test": 24})
-    exp = Experiment(base=str(root / "base"), files=files, heads=str(root / "heads.safetensors"), max_length=24,
-                     batch_size=8, eval_batch_size=32)
-    prepare_heads(exp)
+    exp = tiny_text_experiment(root, TASKS, {"probe": 48, "train": 32, "val": 16, "test": 24}, batch_size=8)
     gen = torch.Generator().manual_seed(1)
     experts = []
     for t in TASKS:

@@ -8,17 +8,13 @@ import math
 
 import pytest
 import torch
+from text_helpers import MINILM, tiny_text_experiment
 from torch.nn import functional as F
 
 from lightning_merge import MergeCallback
-from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, minilm_dir, prepare, split_task
-from lightning_merge.errors import ConfigError, SourceError
+from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, prepare, split_task
+from lightning_merge.errors import ConfigError
 from lightning_merge.methods.base import get_method
-
-try:
-    MINILM = minilm_dir()
-except SourceError:  # pragma: no cover - `make test` installs it
-    MINILM = None
 
 needs_data = pytest.mark.skipif(MINILM is None, reason="offline data packages missing: make setup installs "
                                 "requirements/offline-data.txt")
@@ -85,20 +81,8 @@ def tiny_setup(tmp_path_factory):
     """A tiny random BERT encoder with MiniLM's tokenizer, real data files (small splits) and probe heads."""
     if MINILM is None:
         pytest.skip("offline data packages missing")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lightning_merge.lightning.workflow import Experiment, prepare_heads
-
     root = tmp_path_factory.mktemp("real")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(root / "base")
-    AutoTokenizer.from_pretrained(MINILM).save_pretrained(root / "base")
-    files = prepare(root / "data", ["sentiment", "topic"], {"probe": 64, "train": 48, "val": 32, "test": 48})
-    exp = Experiment(base=str(root / "base"), files=files, heads=str(root / "heads.safetensors"), max_length=24,
-                     batch_size=16, eval_batch_size=32)
-    prepare_heads(exp)
+    exp = tiny_text_experiment(root, ["sentiment", "topic"], {"probe": 64, "train": 48, "val": 32, "test": 48})
     return root, exp
 
 

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -58,7 +57,7 @@ from lightning_merge.corpora import minilm_dir  # noqa: E402
 from lightning_merge.learned import LearnedMerge, PerTaskTextDataModule  # noqa: E402
 from lightning_merge.learned.export import layer_means  # noqa: E402
 from lightning_merge.lightning.encoder import TaskLogits  # noqa: E402
-from lightning_merge.lightning.workflow import Experiment  # noqa: E402
+from lightning_merge.lightning.workflow import Experiment, quiet_runtime  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -148,17 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    quiet_runtime(args.threads)
 
     tasks, sizes, topic, meta = settings(args.quick)
     work = args.workdir / meta["mode"]

@@ -38,7 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_merge import MergeCallback  # noqa: E402
 from lightning_merge.corpora import WORDNET_NOUNS, minilm_dir, prepare  # noqa: E402
-from lightning_merge.lightning.workflow import Experiment, evaluate, prepare_heads, train_expert  # noqa: E402
+from lightning_merge.lightning.workflow import (  # noqa: E402
+    Experiment,
+    evaluate,
+    prepare_heads,
+    quiet_runtime,
+    train_expert,
+)
 from lightning_merge.methods.base import get_method  # noqa: E402
 
 log = logging.getLogger("quality")
@@ -169,17 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    quiet_runtime(args.threads)
 
     quick = args.quick
     regimes = args.regimes or (["full"] if quick else ["full", "lora"])

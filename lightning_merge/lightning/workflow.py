@@ -33,7 +33,23 @@ from .encoder import EncoderClassifier, fit_probe_heads, save_heads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Experiment", "evaluate", "prepare_heads", "train_expert"]
+__all__ = ["Experiment", "evaluate", "prepare_heads", "quiet_runtime", "train_expert"]
+
+
+def quiet_runtime(threads: int) -> None:
+    """For scripts that run many short Lightning jobs: ``threads`` torch threads, and Lightning /
+    transformers info lines, progress bars and warnings silenced (the scripts report themselves)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "lightning_merge", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
 
 
 @dataclass

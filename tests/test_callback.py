@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo_helpers import save_zoo
 
 from lightning_merge import AdaptiveRMS, ConfigError, DareTies, TaskArithmetic, Ties, merge_models
 from lightning_merge.engine import TensorTask
@@ -112,24 +113,8 @@ def trainer(tmp_path: Path, callbacks: list, **kw) -> pl.Trainer:
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, str]:
     """base/ (= LitLM(seed=0).model), e0/, e1/ (perturbed full copies), lora/ (a PEFT adapter)."""
-    from peft import LoraConfig, get_peft_model
-
     root = tmp_path_factory.mktemp("callback_zoo")
-    llama(0).save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    for i in range(2):
-        m = llama(0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        m.save_pretrained(root / f"e{i}")
-    peft_model = get_peft_model(llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(root / "lora")
-    return {k: str(root / k) for k in ("base", "e0", "e1", "lora")}
+    return save_zoo(root, llama, (0.02, 0.02), lora_r=4)
 
 
 def experts(zoo) -> list[str]:

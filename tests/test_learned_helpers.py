@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from zoo_helpers import save_zoo
 
 from lightning_merge.lightning.data import TensorDictDataset
 
@@ -23,23 +24,7 @@ def classifier(seed: int = 0) -> nn.Module:
 
 def make_zoo(root: Path) -> dict[str, str]:
     """base/ and e0/, e1/ (full perturbed copies) and lora/ (a PEFT adapter on q/v)."""
-    from peft import LoraConfig, get_peft_model
-
-    classifier(0).save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    for i, scale in enumerate((0.02, 0.04)):
-        m = classifier(0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-        m.save_pretrained(root / f"e{i}")
-    peft_model = get_peft_model(classifier(0), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(root / "lora")
-    return {k: str(root / k) for k in ("base", "e0", "e1", "lora")}
+    return save_zoo(root, classifier, (0.02, 0.04), lora_r=2)
 
 
 def token_batches(n: int = 16, batch_size: int = 8, seed: int = 0, seq: int = 6) -> DataLoader:

@@ -165,12 +165,14 @@ def test_cross_entropy_loss_matches_per_row_heads(tiny_setup):
     from lightning_merge.lightning.encoder import EncoderClassifier
 
     root, exp = tiny_setup
-    module = EncoderClassifier(exp.base, exp.heads)
+    module = EncoderClassifier(exp.base, exp.heads).eval()
     batch = {"input_ids": torch.randint(1000, 2000, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "task": torch.tensor([0, 1, 1, 0]), "labels": torch.tensor([1, 4, 0, 0])}
-    loss, logits = module._loss(batch)
+    loss, preds = module._loss(batch)
+    logits = module(batch["input_ids"], batch["attention_mask"], batch["task"])  # one row at a time
     expected = sum(F.cross_entropy(lg[None], y[None]) for lg, y in zip(logits, batch["labels"])) / 4
     torch.testing.assert_close(loss, expected)
+    assert preds.tolist() == [int(lg.argmax()) for lg in logits]
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -248,15 +248,17 @@ class EncoderClassifier(_HFTaskModule):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: Tensor, **_: Any) -> list[Tensor]:
-        """Per-row logits (a list: the tasks may have different class counts), row ``i`` through head ``task[i]``."""
+    def grouped_logits(self, input_ids: Tensor, attention_mask: Tensor, task: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``[(rows, logits of those rows)]``, one entry per head present in the batch (rows: indices)."""
         h = self.embed(input_ids, attention_mask)
         heads = list(self.heads.values())
         idx = self.task_map[task]
-        logits: list[Tensor | None] = [None] * len(idx)
-        for k in idx.unique().tolist():
-            rows = (idx == k).nonzero().flatten()
-            out = heads[k](h[rows])
+        return [(rows, heads[k](h[rows])) for k in idx.unique().tolist() for rows in [(idx == k).nonzero().flatten()]]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: Tensor, **_: Any) -> list[Tensor]:
+        """Per-row logits (a list: the tasks may have different class counts), row ``i`` through head ``task[i]``."""
+        logits: list[Tensor | None] = [None] * len(task)
+        for rows, out in self.grouped_logits(input_ids, attention_mask, task):
             for j, r in enumerate(rows.tolist()):
                 logits[r] = out[j]
         return logits  # type: ignore[return-value]
@@ -273,10 +275,15 @@ class EncoderClassifier(_HFTaskModule):
         head = list(self.heads.values())[int(self.task_map[task])]
         return head(self.embed(input_ids, attention_mask))
 
-    def _loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["task"])
-        losses = [F.cross_entropy(lg.unsqueeze(0), y.unsqueeze(0)) for lg, y in zip(logits, batch["labels"])]
-        return torch.stack(losses).mean(), logits
+    def _loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(mean cross-entropy over the rows, predicted class per row), one head call per task present."""
+        labels = batch["labels"]
+        total = labels.new_zeros((), dtype=torch.float32)
+        preds = torch.empty_like(labels)
+        for rows, logits in self.grouped_logits(batch["input_ids"], batch["attention_mask"], batch["task"]):
+            total = total + F.cross_entropy(logits.float(), labels[rows], reduction="sum")
+            preds[rows] = logits.argmax(-1)
+        return total / len(labels), preds
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch)
@@ -306,8 +313,7 @@ class EncoderClassifier(_HFTaskModule):
         return {k: float(v) for k, v in metric.compute().items()}
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> Tensor:
-        loss, logits = self._loss(batch)
-        preds = torch.stack([lg.argmax() for lg in logits])
+        loss, preds = self._loss(batch)
         m = self._metric_for(stage, dataloader_idx, int(batch["task"][0]))
         m["acc"].update(preds, batch["labels"])
         m["f1"].update(preds, batch["labels"])

@@ -214,6 +214,11 @@ def claims(best: dict[str, Setting], merges: list[Setting]) -> list[tuple[str, S
         if "della" in best and fam in best:
             out.append((claim, best["della"], best[fam]))
     by_key = {(s.family, s.drop): s for s in merges}
+    for p in (0.5, 0.7, 0.9):  # the same drop rate: MagPrune's magnitude-aware drop against a uniform one
+        for fam, name in (("dare_ties", "DARE-TIES"), ("ties", "TIES")):
+            a, b = by_key.get(("della", p)), by_key.get((fam, p))
+            if a is not None and b is not None:
+                out.append((f"DELLA beats {name} at the same drop rate p={p}", a, b))
     for branch in ("adaptive_rms_pooled", "adaptive_rms_own"):
         for p in (0.7, 0.9):
             a, b = by_key.get((branch, p)), by_key.get(("dare_ties", p))
@@ -241,10 +246,13 @@ def plot_drop(merges: list[Setting], own: dict[str, float], path: Path, regime: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    fams = sorted({s.family for s in merges if s.drop is not None})
-    for fam in fams:
-        pts = sorted((s.drop, 100 * s.normalized(own), 100 * (s.ci_seeds(own) or 0.0))
-                     for s in merges if s.family == fam and s.drop is not None)
+    best: dict[tuple[str, float], Setting] = {}  # one point per (family, drop): its best other settings
+    for s in merges:
+        if s.drop is not None and ((s.family, s.drop) not in best or s.mean > best[(s.family, s.drop)].mean):
+            best[(s.family, s.drop)] = s
+    for fam in sorted({f for f, _ in best}):
+        pts = sorted((d, 100 * s.normalized(own), 100 * (s.ci_seeds(own) or 0.0))
+                     for (f, d), s in best.items() if f == fam)
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS.get(fam, fam))
     ax.set_xlabel("drop rate p = 1 − density")

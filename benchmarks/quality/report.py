@@ -207,13 +207,22 @@ def best_by_family(merges: list[Setting]) -> dict[str, Setting]:
     return best
 
 
+def best_per_drop(merges: list[Setting]) -> dict[tuple[str, float], Setting]:
+    """The best setting (by mean accuracy) of each (family, drop rate): e.g. over lambda."""
+    best: dict[tuple[str, float], Setting] = {}
+    for s in merges:
+        if s.drop is not None and ((s.family, s.drop) not in best or s.mean > best[(s.family, s.drop)].mean):
+            best[(s.family, s.drop)] = s
+    return best
+
+
 def claims(best: dict[str, Setting], merges: list[Setting]) -> list[tuple[str, Setting, Setting]]:
     out = []
     for fam, claim in (("ties", "DELLA beats TIES (paper: +3.6)"), ("dare_ties", "DELLA beats DARE (paper: +1.2)"),
                        ("task_arithmetic", "DELLA beats task arithmetic (paper: +11.1)")):
         if "della" in best and fam in best:
             out.append((claim, best["della"], best[fam]))
-    by_key = {(s.family, s.drop): s for s in merges}
+    by_key = best_per_drop(merges)
     for p in (0.5, 0.7, 0.9):  # the same drop rate: MagPrune's magnitude-aware drop against a uniform one
         for fam, name in (("dare_ties", "DARE-TIES"), ("ties", "TIES")):
             a, b = by_key.get(("della", p)), by_key.get((fam, p))
@@ -246,10 +255,7 @@ def plot_drop(merges: list[Setting], own: dict[str, float], path: Path, regime: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    best: dict[tuple[str, float], Setting] = {}  # one point per (family, drop): its best other settings
-    for s in merges:
-        if s.drop is not None and ((s.family, s.drop) not in best or s.mean > best[(s.family, s.drop)].mean):
-            best[(s.family, s.drop)] = s
+    best = best_per_drop(merges)
     for fam in sorted({f for f, _ in best}):
         pts = sorted((d, 100 * s.normalized(own), 100 * (s.ci_seeds(own) or 0.0))
                      for (f, d), s in best.items() if f == fam)

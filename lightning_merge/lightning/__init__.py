@@ -2,8 +2,9 @@
 around Hugging Face models and data modules (the only part of lightning_merge that imports
 ``lightning``)."""
 
-from .callback import MergeCallback, MergeSetupError, group_of, split_tasks
+from .callback import MergeCallback, MergeSetupError, group_of
 from .data import SyntheticTokensDataModule, TextClassificationDataModule
+from .ranks import split_tasks
 from .search import MergeSearch
 from .search_alpha import DPPAAlphaSearch
 from .tasks import CausalLM, SequenceClassifier

@@ -39,7 +39,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,16 +66,14 @@ from ..methods.dppa import DPPA
 from ..sources.base import ModuleSource, Source, align
 from ..sources.resolve import open_source
 from ..targets.module import WeightBackup, find_tensor
+from .ranks import Comm, PeerFailed, buckets, pack, split_tasks, unpack
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["fit", "validate", "test", "predict"]
 STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
-#: largest broadcast buffer when sharing merged tensors between ranks
-BUCKET_BYTES = 128 * 1024 * 1024
 #: entries per tensor (evenly strided) sampled for the sign-conflict rate
 CONFLICT_SAMPLES = 1 << 16
-_ALIGN = 16
 
 
 def _enable_method_class_paths() -> None:
@@ -101,21 +98,6 @@ class MergeSetupError(ConfigError, MisconfigurationException):
 
 
 # ------------------------------------------------------------------------------------ pure helpers
-
-def split_tasks(tasks: Sequence[TensorTask], world_size: int) -> list[list[TensorTask]]:
-    """Deterministic greedy split into ``world_size`` shares balanced by numel.
-
-    Largest tensors first (ties by name), each to the currently lightest share (ties: lowest
-    rank); every share keeps the plan's order.
-    """
-    loads = [0] * world_size
-    owner: dict[str, int] = {}
-    for t in sorted(tasks, key=lambda t: (-t.numel, t.name)):
-        r = min(range(world_size), key=lambda i: (loads[i], i))
-        owner[t.name] = r
-        loads[r] += max(t.numel, 1)
-    return [[t for t in tasks if owner[t.name] == r] for r in range(world_size)]
-
 
 def group_of(name: str) -> str:
     """The diagnostics group of a tensor: its numbered block (``model.layers.3``) or its module
@@ -273,95 +255,6 @@ def _peek_callback_state(path: Any, key: str) -> dict | None:
         return None
     state = (ckpt.get("callbacks") or {}).get(key) if isinstance(ckpt, Mapping) else None
     return dict(state) if isinstance(state, Mapping) else None
-
-
-# ------------------------------------------------------------------------------------- ranks
-
-@dataclass
-class _Failed:
-    rank: int
-    message: str
-
-
-class _PeerFailed(Exception):
-    def __init__(self, failed: _Failed):
-        super().__init__(failed.message)
-        self.failed = failed
-
-
-class _Comm:
-    """The default process group, or a one-process stand-in."""
-
-    def __init__(self, trainer: pl.Trainer):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.on = (dist.is_available() and dist.is_initialized() and trainer.world_size > 1
-                   and dist.get_world_size() > 1)
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-        backend = str(dist.get_backend()) if self.on else ""
-        # NCCL moves CUDA tensors only; gloo (CPU) moves CPU tensors
-        self.device = trainer.strategy.root_device if "nccl" in backend else torch.device("cpu")
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``all_gather_object``; raises :class:`_PeerFailed` when a rank reported a failure."""
-        if not self.on:
-            return [obj]
-        parts: list[Any] = [None] * self.world
-        self.dist.all_gather_object(parts, obj)
-        for p in parts:
-            if isinstance(p, _Failed):
-                raise _PeerFailed(p)
-        return parts
-
-    def fail(self, message: str) -> None:
-        """This rank's side of the collective its peers are waiting in: report the failure."""
-        parts: list[Any] = [None] * self.world
-        self.dist.all_gather_object(parts, _Failed(self.rank, message))
-
-    def broadcast(self, buf: Tensor | None, nbytes: int, src: int) -> Tensor:
-        """Broadcast a uint8 buffer from ``src``; returns it on CPU on every rank."""
-        if self.rank == src:
-            assert buf is not None
-            dev = buf.to(self.device)
-        else:
-            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self.dist.broadcast(dev, src=src)
-        return buf if self.rank == src else dev.cpu()
-
-
-Bucket = tuple[list[tuple[TensorTask, int, int]], int]
-
-
-def _buckets(tasks: Sequence[TensorTask], limit: int = BUCKET_BYTES) -> list[Bucket]:
-    """Pack tasks into byte buckets: ([(task, offset, nbytes)], total bytes); offsets 16-aligned."""
-    out: list[Bucket] = []
-    cur: list[tuple[TensorTask, int, int]] = []
-    off = 0
-    for t in tasks:
-        nb = t.numel * t.out_dtype.itemsize
-        if cur and off + nb > limit:
-            out.append((cur, off))
-            cur, off = [], 0
-        cur.append((t, off, nb))
-        off += -(-nb // _ALIGN) * _ALIGN
-    if cur:
-        out.append((cur, off))
-    return out
-
-
-def _pack(bucket: Bucket, results: Mapping[str, Tensor]) -> Tensor:
-    items, total = bucket
-    buf = torch.empty(total, dtype=torch.uint8)
-    for task, off, nb in items:
-        if nb:
-            buf[off:off + nb].copy_(results[task.name].reshape(-1).view(torch.uint8))
-    return buf
-
-
-def _unpack(bucket: Bucket, buf: Tensor) -> dict[str, Tensor]:
-    return {task.name: buf[off:off + nb].view(task.out_dtype).reshape(task.shape) for task, off, nb in bucket[0]}
 
 
 # ----------------------------------------------------------------------------------- callback
@@ -601,7 +494,7 @@ class MergeCallback(Callback):
         elif not found:
             log.debug("MergeCallback: the checkpoint path of this Trainer call is unknown at setup; merging")
         skip = bool(state and state.get("merged") and state.get("config_hash") == self.config_hash)
-        comm = _Comm(trainer)
+        comm = Comm(trainer)
         sources: list[Source] = []
         t0 = time.perf_counter()
         try:
@@ -624,7 +517,7 @@ class MergeCallback(Callback):
                 compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
             results, counts = self._merge_share(plan, mine, target)
             parts = comm.gather(counts)
-        except _PeerFailed as e:
+        except PeerFailed as e:
             raise MergeError(f"MergeCallback: the merge failed on rank {e.failed.rank}: {e.failed.message}") from None
         except Exception as e:
             if comm.on and not skip:
@@ -707,19 +600,19 @@ class MergeCallback(Callback):
             assert t is not None  # checked in _plan
             t.copy_(value.to(t.device, t.dtype))
 
-    def _write_all(self, comm: _Comm, target: nn.Module, shares: list[list[TensorTask]],
+    def _write_all(self, comm: Comm, target: nn.Module, shares: list[list[TensorTask]],
                    results: dict[str, Tensor]) -> None:
         """Write every share into the module: local results directly, the others' as broadcast."""
         if not comm.on:
             self._write(target, results)
             return
         for owner, share in enumerate(shares):
-            for bucket in _buckets(share):
+            for bucket in buckets(share):
                 if owner == comm.rank:
-                    comm.broadcast(_pack(bucket, results), bucket[1], src=owner)
+                    comm.broadcast(pack(bucket, results), bucket[1], src=owner)
                     self._write(target, {t.name: results.pop(t.name) for t, _, _ in bucket[0]})
                 else:
-                    self._write(target, _unpack(bucket, comm.broadcast(None, bucket[1], src=owner)))
+                    self._write(target, unpack(bucket, comm.broadcast(None, bucket[1], src=owner)))
 
     # ---- diagnostics
     def _diagnose(self, plan: MergePlan, tasks: list[TensorTask], parts: list[dict[str, list[int]]],

@@ -228,15 +228,17 @@ def claims(best: dict[str, Setting], merges: list[Setting]) -> list[tuple[str, S
             a, b = by_key.get(("della", p)), by_key.get((fam, p))
             if a is not None and b is not None:
                 out.append((f"DELLA beats {name} at the same drop rate p={p}", a, b))
+    # the same lambda on both sides: these claims are about the drop rule / the rescale, not lambda
+    same = {(s.family, s.drop, s.params.get("lambda")): s for s in merges}
     for branch in ("adaptive_rms_pooled", "adaptive_rms_own"):
         for p in (0.7, 0.9):
-            a, b = by_key.get((branch, p)), by_key.get(("dare_ties", p))
+            a, b = same.get((branch, p, 1.0)), same.get(("dare_ties", p, 1.0))
             if a is not None and b is not None:
-                out.append((f"adaptive-RMS beats fixed-rate DARE-TIES at p={p}", a, b))
+                out.append((f"adaptive-RMS beats fixed-rate DARE-TIES at p={p} (both λ=1)", a, b))
     for p in (0.3, 0.5, 0.7):
-        a, b = by_key.get(("dare_ties", p)), by_key.get(("dare_ties_norescale", p))
+        a, b = same.get(("dare_ties", p, 1.0)), same.get(("dare_ties_norescale", p, 1.0))
         if a is not None and b is not None:
-            out.append((f"rescaling matters (DARE-TIES with vs without 1/(1-p)), p={p}", a, b))
+            out.append((f"rescaling matters (DARE-TIES with vs without 1/(1-p)), p={p}, both λ=1", a, b))
     if "adamerging_layer" in best and "task_arithmetic" in best:
         out.append(("layer-wise AdaMerging beats task arithmetic (paper, ViT-B/32, 8 tasks: +11.0)",
                     best["adamerging_layer"], best["task_arithmetic"]))

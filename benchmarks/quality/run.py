@@ -109,9 +109,10 @@ def grid(quick: bool) -> list[dict[str, Any]]:
         if p in ((0.7,) if quick else (0.5, 0.7, 0.9)):
             # both branches of the CV rule, forced: pooled mean (low CV) and each model's own mean (high CV)
             for branch, thr in (("adaptive_rms_pooled", 1e9), ("adaptive_rms_own", 0.0)):
-                out.append({"family": branch, "method": "adaptive_rms",
-                            "params": {"drop_rate": p, "cv_threshold": thr, "lambda": 1.0}, "seeds": seeds,
-                            "drop": p})
+                for lam in ((1.0,) if quick else (1.0, 0.5)):  # like DARE-TIES, lambda 0.5 too
+                    out.append({"family": branch, "method": "adaptive_rms",
+                                "params": {"drop_rate": p, "cv_threshold": thr, "lambda": lam}, "seeds": seeds,
+                                "drop": p})
     return out
 
 

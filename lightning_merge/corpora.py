@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, SourceError
+from .targets.hf import atomic_file
 
 __all__ = ["TASKS", "Example", "load_task", "minilm_dir", "prepare", "split_task"]
 
@@ -225,9 +226,9 @@ def prepare(out_dir: str | os.PathLike, tasks: list[str], sizes: Mapping[str, in
             splits = split_task(examples, tsizes, seed=seed, name=task)
             tdir.mkdir(parents=True, exist_ok=True)
             for s, rows in splits.items():
-                _write_atomic(files[s], "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in rows))
-            _write_atomic(tdir / "labels.json", json.dumps(labels))
-            _write_atomic(meta_path, json.dumps(meta))
+                _write_text(files[s], "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in rows))
+            _write_text(tdir / "labels.json", json.dumps(labels))
+            _write_text(meta_path, json.dumps(meta))
         paths[task] = {s: str(f) for s, f in files.items()}
     return paths
 
@@ -237,7 +238,5 @@ def label_names(data_dir: str | os.PathLike, task: str) -> list[str]:
     return list(json.loads((Path(data_dir) / task / "labels.json").read_text()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -25,7 +25,6 @@ import argparse
 import base64
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -296,11 +295,11 @@ def plot_tasks(base: Setting, experts: dict[str, Setting], best: dict[str, Setti
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    from lightning_merge.targets.hf import atomic_file
+
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

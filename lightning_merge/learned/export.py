@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..lightning.callback import group_of
 from ..sources.base import ModuleSource
-from ..targets.hf import save_hf_folder
+from ..targets.hf import atomic_file, save_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dt
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:
     """Write ``learned_coefficients.safetensors`` and ``.json`` into ``folder``; returns their paths."""
     from safetensors.torch import save_file
@@ -110,7 +104,7 @@ def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:
     labels = _model_labels(module)
     meta = {"granularity": module.granularity, "coefficient_fn": module.coefficients.fn, "models": json.dumps(labels)}
     st = folder / COEFFICIENTS_ST
-    _atomic_write(st, lambda p: save_file({k: v.contiguous() for k, v in table.items()}, str(p), metadata=meta))
+    atomic_file(st, lambda p: save_file({k: v.contiguous() for k, v in table.items()}, str(p), metadata=meta))
     summary: dict[str, Any] = {"granularity": module.granularity, "coefficient_fn": module.coefficients.fn,
                                "models": labels, "tensors": {}}
     for name, c in table.items():
@@ -120,7 +114,7 @@ def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:
             summary["tensors"][name] = {"mean": c.mean(1).tolist(), "min": c.min(1).values.tolist(),
                                         "max": c.max(1).values.tolist(), "size": int(c.shape[1])}
     js = folder / COEFFICIENTS_JSON
-    _atomic_write(js, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_file(js, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     return [st, js]
 
 
@@ -160,6 +154,6 @@ def plot_coefficients(module: Any, path: str | os.PathLike) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
-    _atomic_write(out, lambda p: fig.savefig(p, dpi=100, format="png"))
+    atomic_file(out, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
     return out

@@ -110,12 +110,9 @@ class SensFactors:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, out)
-        return out
+        from ..targets.hf import atomic_file
+
+        return atomic_file(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SensFactors:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..targets.hf import atomic_file
 from .tasks import DType, Finetune, _HFTaskModule
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,7 @@ def save_heads(path: str | os.PathLike, heads: Mapping[str, nn.Linear]) -> None:
     for task, lin in heads.items():
         tensors[f"{task}.weight"] = lin.weight.detach().cpu().contiguous()
         tensors[f"{task}.bias"] = lin.bias.detach().cpu().contiguous()
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"tasks": ",".join(heads)})
-    os.replace(tmp, p)
+    atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"tasks": ",".join(heads)}))
 
 
 def load_heads(path: str | os.PathLike) -> dict[str, nn.Linear]:

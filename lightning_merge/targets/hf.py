@@ -23,7 +23,7 @@ import secrets
 import shutil
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -189,6 +189,21 @@ def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_file(path: PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a hidden sibling of ``path``, then rename it to ``path`` (created parents);
+    on any exception the temporary file is removed and ``path`` is untouched."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 # ------------------------------------------------------------------------------------------ shards

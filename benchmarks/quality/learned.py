@@ -24,7 +24,8 @@ minutes per family; FusionBench's 1000 steps would take ~50 minutes each here).
 Each merged encoder is exported (``export(target_only=True)``) and scored on the test splits with
 ``workflow.evaluate`` exactly as ``run.py`` scores the static merges; the rows (same schema, same
 ``meta``) go to ``results_learned.json`` so that a running ``run.py`` keeps ``results.json`` to
-itself. One seed: given the data order (seeded) and no dropout, training is deterministic. The
+itself. ``--regime lora`` merges the LoRA experts (read as their exact dense deltas); its plots are
+named ``learned_lora_<family>_coefficients.png``. One seed: given the data order (seeded) and no dropout, training is deterministic. The
 learned coefficients by layer are plotted to ``learned_<family>_coefficients.png`` beside the results.
 
     python benchmarks/quality/learned.py --threads 1                # every family, the default steps
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s %s: already in %s", family, json.dumps(kwargs), results)
             continue
         variant = family + ("_bias" + str(kwargs["bias_init"]) if "bias_init" in kwargs else "")
-        plot = results.with_name(f"{results.stem.replace('results_', '')}_{variant}_coefficients.png")
+        regime_tag = "" if args.regime == "full" else f"_{args.regime}"
+        plot = results.with_name(f"{results.stem.replace('results_', '')}{regime_tag}_{variant}_coefficients.png")
         rec = train(exp, experts, family, kwargs, steps=args.steps, batch_size=args.batch_size,
                     out=args.outdir / meta["mode"] / args.regime / variant, plot=plot)
         log.info("%s: %d steps in %.0f s (%.2f s/step), loss %.4f -> %.4f; coefficients plotted to %s", family,

@@ -138,3 +138,21 @@ def test_report_has_held_out_selection_claims_and_plots(tmp_path):
     assert "DELLA beats DARE-TIES at the same drop rate p=0.9" in text
     for suffix in ("drop", "tasks"):
         assert (tmp_path / f"results_full_{suffix}.png").stat().st_size > 5_000
+
+
+def test_drop_table_finds_rates_that_differ_only_when_they_do():
+    """TIES truly best at p=0.9 and DARE-TIES at p=0.1 (0.9 vs 0.6 accuracy): the table says the rates
+    differ; DELLA with the same accuracy at every rate is never shown to differ."""
+    rng = np.random.default_rng(4)
+    n = 400
+    draw = lambda p: {t: (rng.random(n) < p).astype(float) for t in TASKS}  # noqa: E731
+    truth = {"ties": {0.1: 0.6, 0.5: 0.6, 0.9: 0.9}, "dare_ties": {0.1: 0.9, 0.5: 0.6, 0.9: 0.6},
+             "della": {0.1: 0.7, 0.5: 0.7, 0.9: 0.7}}
+    settings = [_setting(draw(acc), family=fam, params={"density": round(1 - p, 4)}, drop=p)
+                for fam, by_p in truth.items() for p, acc in by_p.items()]
+    fold = report.folds(settings, TASKS)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in report.drop_table(settings, TASKS, fold)
+            if line.startswith("| ") and "(" in line}
+    assert rows[("TIES (0.9)", "DARE-TIES (0.1)")].rstrip(" |").endswith("yes")
+    della = [line for key, line in rows.items() if any(k.startswith("DELLA") for k in key)]
+    assert della and not any(line.rstrip(" |").endswith("yes") for line in della)

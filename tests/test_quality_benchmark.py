@@ -1,5 +1,6 @@
 """The quality benchmark's --quick mode end to end (slow: ~10 minutes on 2 cores): real MiniLM experts,
-every merge family through MergeCallback at trainer.test, the report with its paired tests and plots."""
+every merge family through MergeCallback at trainer.test, one merge also through `lightning-merge merge`,
+the report with its paired tests and plots."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     report = results.with_suffix(".md").read_text()
     assert "The papers' claims" in report and "DELLA beats TIES" in report
     assert (tmp_path / "results_quick_full_drop.png").stat().st_size > 10_000
+    # the command-line merge of the same DPPA scores example for example as the MergeCallback's
+    assert kinds.count("cli") == 1
+    assert "per-example outcomes are identical to the MergeCallback" in report
     # experts are real experts: each beats the base on its own task
     base = next(r for r in data["rows"] if r["kind"] == "base")
     for r in data["rows"]:

@@ -63,7 +63,8 @@ class Setting:
     def __init__(self, rows: list[dict[str, Any]], tasks: list[str]) -> None:
         self.rows, self.tasks = rows, tasks
         r0 = rows[0]
-        self.regime, self.kind, self.family = r0["regime"], r0["kind"], r0.get("family", r0["kind"])
+        self.regime, self.kind = r0["regime"], r0["kind"]
+        self.family = r0.get("family", r0["name"] if r0["kind"] == "cli" else r0["kind"])
         self.params, self.drop = r0["params"], r0.get("drop")
         self.bits = {t: np.mean([unpack(r["bits"][t], r["n"][t]) for r in rows], axis=0) for t in tasks}
 
@@ -256,6 +257,14 @@ def report(paths: list[Path], out: Path) -> str:
     lines = [f"# Quality benchmark ({meta['mode']}): all-MiniLM-L6-v2, {len(tasks)} tasks",
              "", "Results: " + ", ".join(_shown(p) for p in paths) + "; "
              "test examples per task: " + ", ".join(f"{t} {len(base.bits[t])}" for t in tasks) + ".", ""]
+    for cli in (s for s in settings if s.kind == "cli"):
+        twin = next((s for s in settings if s.kind == "merge" and s.regime == cli.regime
+                     and s.rows[0]["name"] == cli.rows[0]["name"] and s.params == cli.params), None)
+        same = twin is not None and all(np.array_equal(twin.rows[0]["bits"][t], cli.rows[0]["bits"][t]) for t in tasks)
+        lines += [f"Command-line check: `lightning-merge {cli.rows[0].get('command', 'merge')}` wrote "
+                  f"{cli.label().strip()} as an HF folder; scored on the {cli.regime} regime's test sets its "
+                  f"per-example outcomes are {'identical to' if same else 'DIFFERENT from'} the MergeCallback "
+                  f"merge's (mean {pct(cli.mean)}).", ""]
     regimes = [r for r in ("full", "lora") if any(s.regime == r for s in settings)]
     for regime in regimes:
         experts = {s.rows[0]["task"]: s for s in settings if s.regime == regime and s.kind == "expert"}

@@ -6,7 +6,9 @@ the encoder on one task each, in two regimes: ``full`` (every encoder weight but
 embeddings) and ``lora`` (PEFT LoRA r=8 on the attention ``query``/``value`` projections, the
 adaptive-RMS paper's setting; merged in exact dense-delta space). Every merge is a
 :class:`lightning_merge.MergeCallback` on ``trainer.test`` of the base model: the benchmark runs the
-product's own public API, so it is also an end-to-end check.
+product's own public API, so it is also an end-to-end check. One merge (DPPA, deterministic) is also
+written by the command line, ``lightning-merge merge`` on a mergekit-style YAML, and that HF folder
+is scored too: its per-example outcomes must equal the callback's (``kind: "cli"`` row).
 
 Every evaluation is appended to ``results.json`` (per task: accuracy and the per-example
 correctness bits, so confidence intervals over test examples and paired differences can be
@@ -25,6 +27,7 @@ import base64
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,6 +177,38 @@ def scored(exp: Experiment, store: Store, *, regime: str, kind: str, name: str, 
              time.perf_counter() - t0)
 
 
+#: the merge that the command line writes too (``cli_check``): deterministic, in every mode's grid
+CLI_MERGE = ("dppa", {"density_top": 0.3, "density_band": 0.4, "lambda": 0.25})
+
+
+def cli_check(exp: Experiment, store: Store, experts: list[str], out: Path) -> bool:
+    """Write ``CLI_MERGE`` with ``lightning-merge merge`` (mergekit-style YAML, our method name and
+    parameter names), score the HF folder like any model, and compare its per-example outcomes with
+    the ``MergeCallback`` row of the same merge. Returns whether they are identical."""
+    name, params = CLI_MERGE
+    k = key("full", "cli", name, params, 0)
+    if k not in store.done:
+        out.mkdir(parents=True, exist_ok=True)
+        config = out / f"{name}.yml"
+        models = "".join(f"  - model: {json.dumps(e)}\n" for e in experts)
+        config.write_text(f"merge_method: {name}\nbase_model: {json.dumps(exp.base)}\nmodels:\n{models}"
+                          f"parameters: {json.dumps(params)}\ndtype: float32\n")
+        cli = Path(sys.executable).with_name("lightning-merge")
+        cmd = [str(cli) if cli.is_file() else "lightning-merge", "merge", str(config), str(out / name), "--seed", "0"]
+        proc = subprocess.run([*cmd, "--overwrite"] if (out / name).exists() else cmd, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        scored(exp, store, regime="full", kind="cli", name=name, params=params, seed=0,
+               extra={"command": " ".join(cmd[1:])}, model=str(out / name))
+    rows = {r["key"]: r for r in store.data["rows"]}
+    merged = rows.get(key("full", "merge", name, params, 0))
+    same = merged is not None and merged["bits"] == rows[k]["bits"]
+    log.info("command-line %s merge: per-example outcomes %s the MergeCallback's", name,
+             "identical to" if same else ("DIFFERENT from" if merged else "not comparable (no callback row) with"))
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small grid, smaller splits, full fine-tunes only")
@@ -221,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 scored(exp, store, regime=regime, kind="merge", name=g["method"], params=g["params"], seed=seed,
                        extra={"family": g["family"], "drop": g["drop"]},
                        callbacks=[MergeCallback(experts[regime], method, target="model", seed=seed)])
+    if "full" in regimes and not cli_check(exp, store, experts["full"], work / "cli"):
+        raise SystemExit("the command-line merge scored differently from the MergeCallback merge: a bug")
     log.info("done in %.0f s; %d rows in %s", time.perf_counter() - t_start, len(store.data["rows"]), results)
     from report import main as report_main  # noqa: E402
 

@@ -57,7 +57,27 @@ def unpack(s: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(s), dtype=np.uint8))[:n].astype(np.float64)
 
 
-class Setting:
+class Outcomes:
+    """Per-example outcomes ``bits[t]`` (1 right, 0 wrong, or a fraction of seeds) on each task in ``tasks``."""
+
+    bits: dict[str, np.ndarray]
+    tasks: list[str]
+
+    def acc(self, t: str) -> float:
+        return float(self.bits[t].mean())
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.acc(t) for t in self.tasks)
+
+    def normalized(self, own: dict[str, float]) -> float:
+        return statistics.fmean(self.acc(t) / own[t] for t in self.tasks)
+
+    def label(self) -> str:
+        raise NotImplementedError
+
+
+class Setting(Outcomes):
     """One merge configuration (or model) evaluated with one or more seeds."""
 
     def __init__(self, rows: list[dict[str, Any]], tasks: list[str]) -> None:
@@ -71,13 +91,6 @@ class Setting:
     @property
     def seeds(self) -> int:
         return len(self.rows)
-
-    def acc(self, t: str) -> float:
-        return float(self.bits[t].mean())
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.acc(t) for t in self.tasks)
 
     def per_seed_means(self) -> list[float]:
         return [statistics.fmean(r["acc"][t] for t in self.tasks) for r in self.rows]
@@ -96,15 +109,12 @@ class Setting:
         se2 = sum(self.acc(t) * (1 - self.acc(t)) / len(self.bits[t]) for t in self.tasks)
         return 1.96 * math.sqrt(se2) / len(self.tasks)
 
-    def normalized(self, own: dict[str, float]) -> float:
-        return statistics.fmean(self.acc(t) / own[t] for t in self.tasks)
-
     def label(self) -> str:
         p = {k: v for k, v in self.params.items() if k not in UNLABELLED}
         return f"{LABELS.get(self.family, self.family)} " + ", ".join(f"{k}={v}" for k, v in p.items())
 
 
-class Picked:
+class Picked(Outcomes):
     """A family's setting selected by two-fold cross-fitting (see the module docstring).
 
     ``bits[t][i]`` is the outcome on example i of task t of the setting chosen on the *other* half.
@@ -122,16 +132,6 @@ class Picked:
             for t in tasks:
                 self.bits[t][folds[t][score]] = pick.bits[t][folds[t][score]]
 
-    def acc(self, t: str) -> float:
-        return float(self.bits[t].mean())
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.acc(t) for t in self.tasks)
-
-    def normalized(self, own: dict[str, float]) -> float:
-        return statistics.fmean(self.acc(t) / own[t] for t in self.tasks)
-
     def label(self) -> str:
         a, b = (p.label() for p in self.picks)
         return a if a == b else f"{a} (H1) / {b} (H2)"
@@ -146,15 +146,12 @@ def folds(settings: list[Setting], tasks: list[str], seed: int = 0) -> dict[str,
     return out
 
 
-class Subset:
+class Subset(Outcomes):
     """The outcomes of a setting on a subset of each task's test examples (``idx[t]``)."""
 
     def __init__(self, setting: Setting, idx: dict[str, np.ndarray]) -> None:
-        self.setting, self.bits = setting, {t: setting.bits[t][i] for t, i in idx.items()}
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(float(b.mean()) for b in self.bits.values())
+        self.setting, self.tasks = setting, list(idx)
+        self.bits = {t: setting.bits[t][i] for t, i in idx.items()}
 
     def label(self) -> str:
         return self.setting.label()
@@ -199,8 +196,7 @@ def drop_table(merges: list[Setting], tasks: list[str], fold: dict[str, list[np.
     return [*lines, ""]
 
 
-def paired(a: Setting | Picked | Subset, b: Setting | Picked | Subset, tasks: list[str], n_boot: int = 4000,
-           seed: int = 0) -> tuple[float, float, float]:
+def paired(a: Outcomes, b: Outcomes, tasks: list[str], n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
     """(mean-over-tasks difference A - B, 95% bootstrap interval), resampling test examples per task."""
     rng = np.random.default_rng(seed)
     diffs = {t: a.bits[t] - b.bits[t] for t in tasks}
@@ -338,13 +334,13 @@ def best_per_drop(merges: list[Setting]) -> dict[tuple[str, float], Setting]:
 
 
 def claims(merges: list[Setting], tasks: list[str],
-           fold: dict[str, list[np.ndarray]]) -> list[tuple[str, Setting | Picked, Setting | Picked]]:
+           fold: dict[str, list[np.ndarray]]) -> list[tuple[str, Outcomes, Outcomes]]:
     """(claim, A, B) pairs; a family's or a group's best setting is selected by cross-fitting (``Picked``)."""
     def pick(keep: Any) -> Picked | None:
         cands = [s for s in merges if keep(s)]
         return Picked(cands, tasks, fold) if cands else None
 
-    out: list[tuple[str, Setting | Picked, Setting | Picked]] = []
+    out: list[tuple[str, Outcomes, Outcomes]] = []
     della = pick(lambda s: s.family == "della")
     for fam, claim in (("ties", "DELLA beats TIES (paper: +3.6)"), ("dare_ties", "DELLA beats DARE (paper: +1.2)"),
                        ("task_arithmetic", "DELLA beats task arithmetic (paper: +11.1)")):

@@ -257,7 +257,8 @@ def report(paths: list[Path], out: Path) -> str:
         twin = next((s for s in settings if s.kind == "merge" and s.regime == cli.regime
                      and s.rows[0]["name"] == cli.rows[0]["name"] and s.params == cli.params), None)
         same = twin is not None and all(np.array_equal(twin.rows[0]["bits"][t], cli.rows[0]["bits"][t]) for t in tasks)
-        lines += [f"Command-line check: `lightning-merge {cli.rows[0].get('command', 'merge')}` wrote "
+        command = cli.rows[0].get("command", "merge").replace(f"{HERE.parents[1]}/", "")
+        lines += [f"Command-line check: `lightning-merge {command}` wrote "
                   f"{cli.label().strip()} as an HF folder; scored on the {cli.regime} regime's test sets its "
                   f"per-example outcomes are {'identical to' if same else 'DIFFERENT from'} the MergeCallback "
                   f"merge's (mean {pct(cli.mean)}).", ""]

@@ -238,7 +238,7 @@ def test_resume_skips_merge_and_matches_uninterrupted_run(zoo, tmp_path, interru
 
 def test_resume_without_peek_still_restores_checkpoint_weights(zoo, tmp_path, interrupted, monkeypatch):
     """If the checkpoint path cannot be found at setup, the merge runs and the restore replaces it."""
-    monkeypatch.setattr(callback_module, "_pending_ckpt_path", lambda trainer: (False, None))
+    monkeypatch.setattr(callback_module, "pending_ckpt_path", lambda trainer: (False, None))
     last, full = interrupted
     probe = Probe()
     model, cb = _fit(tmp_path, zoo, 3, ckpt_path=str(last), probe=probe)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lightning.callback import group_of
+from ..lightning.diagnostics import group_of
 from ..sources.base import ModuleSource
 from ..targets.hf import atomic_file, save_hf_folder
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..lightning.callback import group_of
+from ..lightning.diagnostics import group_of
 from .bank import ExpertBank
 from .objectives import logits_of, task_loss, token_mask
 

@@ -2,8 +2,9 @@
 around Hugging Face models and data modules (the only part of lightning_merge that imports
 ``lightning``)."""
 
-from .callback import MergeCallback, MergeSetupError, group_of
+from .callback import MergeCallback, MergeSetupError
 from .data import SyntheticTokensDataModule, TextClassificationDataModule
+from .diagnostics import group_of
 from .ranks import split_tasks
 from .search import MergeSearch
 from .search_alpha import DPPAAlphaSearch

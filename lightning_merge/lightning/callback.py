@@ -17,7 +17,11 @@ so until then it holds the previous call's path. The callback reads that local f
 frame (read-only; if a Lightning version hides it, the callback merges and the restored weights
 still win) and peeks at the checkpoint's ``callbacks`` entry (``torch.load(mmap=True,
 weights_only=True)``, no tensor data read). A checkpoint holding this callback's state with
-``merged=True`` and the same configuration hash skips the merge.
+``merged=True`` and the same configuration hash skips the merge (:mod:`.resume`).
+
+Target. :func:`.targeting.find_target` picks the submodule whose tensor names match the experts';
+:func:`.targeting.check_materialized` refuses unmaterialized or sharded ones. Diagnostics (changed
+entries, sign conflicts, adaptive-RMS / DPPA statistics per block) come from :mod:`.diagnostics`.
 
 Ranks. The plan's tensors are split into ``world_size`` shares balanced by size
 (:func:`split_tasks`); each rank merges its share (statistics passes are combined with
@@ -30,11 +34,8 @@ A failure on one rank is reported on every rank (no rank waits forever in a coll
 from __future__ import annotations
 
 import hashlib
-import inspect
-import itertools
 import json
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -44,9 +45,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
@@ -59,21 +58,20 @@ from ..engine import (
     iter_inputs,
     merge_task,
 )
-from ..errors import ConfigError, MergeError, SourceError
-from ..methods.adaptive_rms import AdaptiveRMS, split_block_name
-from ..methods.base import MergeMethod, TensorInputs, check_weights, get_method
-from ..methods.dppa import DPPA
+from ..errors import ConfigError, MergeError
+from ..methods.base import MergeMethod, check_weights, get_method
 from ..sources.base import ModuleSource, Source, align
 from ..sources.resolve import open_source
 from ..targets.module import WeightBackup, find_tensor
+from .diagnostics import group_of, method_group_means, sign_conflict
 from .ranks import Comm, PeerFailed, buckets, pack, split_tasks, unpack
+from .resume import peek_callback_state, pending_ckpt_path
+from .targeting import MergeSetupError, check_materialized, find_target
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["fit", "validate", "test", "predict"]
 STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
-#: entries per tensor (evenly strided) sampled for the sign-conflict rate
-CONFLICT_SAMPLES = 1 << 16
 
 
 def _enable_method_class_paths() -> None:
@@ -91,170 +89,6 @@ def _enable_method_class_paths() -> None:
 
 
 _enable_method_class_paths()
-
-
-class MergeSetupError(ConfigError, MisconfigurationException):
-    """The Trainer, strategy or module cannot take the merge (e.g. the target is not materialized)."""
-
-
-# ------------------------------------------------------------------------------------ pure helpers
-
-def group_of(name: str) -> str:
-    """The diagnostics group of a tensor: its numbered block (``model.layers.3``) or its module
-    (``model.embed_tokens``, ``lm_head``)."""
-    parts = split_block_name(name)
-    if parts is not None:
-        return f"{parts[0]}.{parts[1]}"
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-def _sign_conflict(inputs: TensorInputs, space: str) -> tuple[int, int] | None:
-    """(entries where two experts' deltas have opposite signs, entries sampled), on at most
-    :data:`CONFLICT_SAMPLES` evenly strided entries; None with fewer than two experts."""
-    if len(inputs.tensors) < 2 or (space == "weight" and inputs.base is None):
-        return None
-    n = inputs.tensors[0].numel()
-    step = max(1, -(-n // CONFLICT_SAMPLES))
-    pos = neg = None
-    for t in inputs.tensors:
-        s = t.reshape(-1)[::step]
-        if space == "weight":
-            s = s - inputs.base.reshape(-1)[::step]
-        pos = s > 0 if pos is None else pos | (s > 0)
-        neg = s < 0 if neg is None else neg | (s < 0)
-    return int((pos & neg).sum()), int(pos.numel())
-
-
-def _matches(expert: Source, keys: list[str]) -> int:
-    """How many of ``expert``'s tensor names map onto ``keys`` (the engine's own key alignment)."""
-    try:
-        aligned = align(expert, keys)
-    except SourceError:
-        return 0
-    return len(set(aligned.keys()).intersection(keys))
-
-
-def find_target(root: nn.Module, expert: Source, target: str | None) -> tuple[str, nn.Module]:
-    """The submodule of ``root`` whose tensor names match ``expert``'s (see :class:`MergeCallback`)."""
-    hint = ""
-    if isinstance(root, pl.LightningModule) and is_overridden("configure_model", root):
-        hint = (" Note: this module overrides configure_model(), which Lightning calls after setup(): "
-                "modules created there do not exist yet when MergeCallback merges; create the merge "
-                "target in __init__.")
-    if target is not None:
-        try:
-            module = root if target in ("", ".") else root.get_submodule(target)
-        except AttributeError:
-            children = [n for n, _ in root.named_children()]
-            raise MergeSetupError(
-                f"MergeCallback: target='{target}' is not a submodule of {type(root).__name__} "
-                f"(its children: {children}).{hint}"
-            ) from None
-        keys = list(ModuleSource(module).keys())
-        if _matches(expert, keys) == 0:
-            raise MergeSetupError(
-                f"MergeCallback: none of the tensor names of {expert.label} (e.g. {sorted(expert.keys())[:3]}) "
-                f"match target='{target}' (names like {sorted(keys)[:3]}); is it the right submodule?"
-            )
-        return target, module
-    root_names = [n for n, _ in itertools.chain(root.named_parameters(), root.named_buffers())]
-    candidates: list[tuple[str, nn.Module, list[str]]] = []
-    for name, module in root.named_modules():
-        prefix = f"{name}." if name else ""
-        keys = [k[len(prefix):] for k in root_names if k.startswith(prefix)]
-        if keys:
-            candidates.append((name, module, keys))
-    candidates.sort(key=lambda c: -len(c[2]))
-    best, scored = 0, []
-    for name, module, keys in candidates:
-        if len(keys) < best:
-            break  # a smaller module cannot match more names
-        hits = _matches(expert, keys)
-        scored.append((name, module, hits, len(keys)))
-        best = max(best, hits)
-    if best == 0:
-        sample = [f"'{n}'" for n, _, _ in candidates[:6]]
-        raise MergeSetupError(
-            f"MergeCallback: no submodule of {type(root).__name__} has tensor names matching {expert.label} "
-            f"(its names look like {sorted(expert.keys())[:3]}; candidates tried include {', '.join(sample)}). "
-            f"Pass target='<dotted path>' of the submodule the experts were saved from.{hint}"
-        )
-    top = [s for s in scored if s[2] == best]
-    # an ancestor matching as many names as its descendant holds the same tensors: keep the deepest
-    top = [s for s in top if not any(o[0] != s[0] and (s[0] == "" or o[0].startswith(s[0] + ".")) for o in top)]
-    if len(top) > 1:
-        listing = ", ".join(f"'{n}' ({h} of {len(expert.keys())} names match)" for n, _, h, _ in top)
-        raise MergeSetupError(
-            f"MergeCallback: several submodules match {expert.label} equally well: {listing}. "
-            "Pass target='<dotted path>' to choose one."
-        )
-    name, module, hits, _ = top[0]
-    n_exp = len(expert.keys())
-    if hits < n_exp:
-        rank_zero_warn(f"MergeCallback: only {hits} of the {n_exp} tensor names of {expert.label} match the "
-                       f"chosen target '{name}'; the others are not merged. Pass target=... if that is wrong.")
-    return name, module
-
-
-def _check_materialized(trainer: pl.Trainer, name: str, target: nn.Module) -> None:
-    """Refuse targets that are not plain, full tensors at setup time (naming the strategy)."""
-    strategy = type(trainer.strategy).__name__
-    reason = None
-    for mod in target.modules():
-        if "FullyShardedDataParallel" in type(mod).__name__:
-            reason = "already wrapped in FullyShardedDataParallel"
-            break
-    if reason is None:
-        for _, t in itertools.chain(target.named_parameters(), target.named_buffers()):
-            if t.is_meta:
-                reason = "on the meta device (not materialized: e.g. Trainer.init_module(empty_init=True))"
-            elif hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
-                reason = "partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init)"
-            elif type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
-                reason = "sharded DTensors"
-            if reason:
-                break
-    if reason:
-        raise MergeSetupError(
-            f"MergeCallback cannot merge into '{name or type(target).__name__}' under {strategy}: its "
-            f"parameters are {reason} at setup(). The merge runs in setup(), before configure_model() and "
-            "before the strategy shards the model. Create the model, materialized, in the LightningModule's "
-            "__init__, or merge offline with lightning_merge.merge_models(..., out='merged/') and load that "
-            "folder in configure_model()."
-        )
-
-
-def _pending_ckpt_path(trainer: pl.Trainer) -> tuple[bool, Any]:
-    """(found, path) of the checkpoint the running Trainer call restores after ``setup``.
-
-    The path is the ``ckpt_path`` local of ``Trainer._run`` (already resolved from "last", "best",
-    "hpc"); ``trainer.ckpt_path`` is not set before ``resume_start``, after setup.
-    """
-    code = pl.Trainer._run.__code__
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code is code and frame.f_locals.get("self") is trainer:
-                return True, frame.f_locals.get("ckpt_path")
-            frame = frame.f_back
-    finally:
-        del frame
-    return False, None
-
-
-def _peek_callback_state(path: Any, key: str) -> dict | None:
-    """``checkpoint["callbacks"][key]`` of a local checkpoint file, without reading tensor data.
-    None when absent or unreadable (the caller then merges and the restored weights win)."""
-    try:
-        p = Path(os.fspath(path))
-        if not p.is_file():
-            return None
-        ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # remote/legacy/non-weights-only checkpoints: not an error, just no peek
-        log.debug("MergeCallback: cannot peek at %s (%s); merging, the restored weights will win", path, e)
-        return None
-    state = (ckpt.get("callbacks") or {}).get(key) if isinstance(ckpt, Mapping) else None
-    return dict(state) if isinstance(state, Mapping) else None
 
 
 # ----------------------------------------------------------------------------------- callback
@@ -486,10 +320,10 @@ class MergeCallback(Callback):
         if self._merged:
             log.debug("MergeCallback: already merged; %s does not merge again", stage)
             return
-        found, ckpt = _pending_ckpt_path(trainer)
+        found, ckpt = pending_ckpt_path(trainer)
         state = None
         if ckpt:
-            state = _peek_callback_state(ckpt, self.state_key) if trainer.is_global_zero else None
+            state = peek_callback_state(ckpt, self.state_key) if trainer.is_global_zero else None
             state = trainer.strategy.broadcast(state, src=0)
         elif not found:
             log.debug("MergeCallback: the checkpoint path of this Trainer call is unknown at setup; merging")
@@ -501,7 +335,7 @@ class MergeCallback(Callback):
             experts = [open_source(e) for e in self.experts]
             sources.extend(experts)
             self.target_name, target = find_target(pl_module, experts[0], self.target)
-            _check_materialized(trainer, self.target_name, target)
+            check_materialized(trainer, self.target_name, target)
             if self.keep_backup:
                 self._backup = WeightBackup(target, ModuleSource(target).keys())
             if skip:
@@ -580,7 +414,7 @@ class MergeCallback(Callback):
         for task, inputs in iter_inputs(plan, tasks):
             acc = counts[group_of(task.name)]
             if self.log_diagnostics and inputs is not None:
-                sc = _sign_conflict(inputs, plan.method.space)  # before the method consumes its inputs
+                sc = sign_conflict(inputs, plan.method.space)  # before the method consumes its inputs
                 if sc is not None:
                     acc[2] += sc[0]
                     acc[3] += sc[1]
@@ -633,7 +467,7 @@ class MergeCallback(Callback):
             m["changed"] = overall[0] / overall[1] if overall[1] else 0.0
             if overall[3]:
                 m["sign_conflict"] = overall[2] / overall[3]
-            for g, vals in self._method_groups(plan).items():
+            for g, vals in method_group_means(plan).items():
                 groups[g].update(vals)
             for g in sorted(groups):
                 for k, v in groups[g].items():
@@ -646,20 +480,6 @@ class MergeCallback(Callback):
                      ) if "changed" in m else ""
             log.info("MergeCallback: merged %d experts into '%s' with %s: %d tensors on %d rank(s) in %.2f s%s",
                      len(self.experts), self.target_name, plan.method.name, len(tasks), world, seconds, extra)
-
-    @staticmethod
-    def _method_groups(plan: MergePlan) -> dict[str, dict[str, float]]:
-        """Per-group means of adaptive-RMS drop rates / DPPA densities (after the statistics passes)."""
-        vals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        if isinstance(plan.method, AdaptiveRMS) and plan.stats is not None:
-            for name, rates in AdaptiveRMS.drop_rates(plan.stats).items():
-                vals[group_of(name)]["drop_rate"].extend(p for p in rates if not math.isnan(p))
-        elif isinstance(plan.method, DPPA) and plan.stats is not None:
-            for name, per in DPPA.matrix_densities(plan.stats).items():
-                for top, band in per.values():
-                    vals[group_of(name)]["density_top"].append(top)
-                    vals[group_of(name)]["density_band"].append(band)
-        return {g: {k: math.fsum(v) / len(v) for k, v in d.items() if v} for g, d in vals.items()}
 
     def _log_pending(self, trainer: pl.Trainer) -> None:
         if self._pending is None:

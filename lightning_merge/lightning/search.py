@@ -66,11 +66,11 @@ from ..methods.base import MergeMethod, check_weights, get_method
 from ..sources.base import Source
 from ..sources.resolve import open_source
 from ..targets.module import find_tensor, load_into_module
-from .callback import find_target
 from .search_cache import SearchInputs, Store, cache_inputs, module_device
 from .search_log import log_rows, write_csv
 from .search_loop import PrivateValidationLoop, rearm_evaluation_loop
 from .search_space import expand_grid, sample_space
+from .targeting import find_target
 
 log = logging.getLogger(__name__)
 

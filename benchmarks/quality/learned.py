@@ -26,8 +26,8 @@ Each merged encoder is exported (``export(target_only=True)``) and scored on the
 ``meta``) go to ``results_learned.json`` so that a running ``run.py`` keeps ``results.json`` to
 itself. ``--regime lora`` merges the LoRA experts (read as their exact dense deltas); its plots are
 named ``learned_lora_<family>_coefficients.png``. One seed: given the data order (seeded) and no
-dropout, training is deterministic. The
-learned coefficients by layer are plotted to ``learned_<family>_coefficients.png`` beside the results.
+dropout, training is deterministic. The learned coefficients by layer are plotted to
+``learned_<family>_coefficients.png`` beside the results.
 
     python benchmarks/quality/learned.py --threads 1                # every family, the default steps
     python benchmarks/quality/learned.py --steps 3 --results /tmp/x.json   # a smoke run

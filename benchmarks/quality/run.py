@@ -196,9 +196,9 @@ def cli_check(exp: Experiment, store: Store, experts: list[str], out: Path) -> b
         config.write_text(f"merge_method: {name}\nbase_model: {json.dumps(exp.base)}\nmodels:\n{models}"
                           f"parameters: {json.dumps(params)}\ndtype: float32\n")
         cli = Path(sys.executable).with_name("lightning-merge")
-        cmd = [str(cli) if cli.is_file() else "lightning-merge", "merge", str(config), str(out / name), "--seed", "0"]
-        proc = subprocess.run([*cmd, "--overwrite"] if (out / name).exists() else cmd, capture_output=True,
-                              text=True)
+        cmd = [str(cli) if cli.is_file() else "lightning-merge", "merge", str(config), str(out / name), "--seed", "0",
+               "--overwrite"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         scored(exp, store, regime="full", kind="cli", name=name, params=params, seed=0,

@@ -81,7 +81,7 @@ def merge_models(
     if isinstance(out_dtype, str):
         out_dtype = parse_dtype(out_dtype)
     if isinstance(out, (str, os.PathLike)):
-        from .targets.hf import check_output_dir
+        from .targets.atomic import check_output_dir
 
         if out_format is None:
             out_format = "safetensors" if str(out).endswith(".safetensors") else "hf"
@@ -117,7 +117,7 @@ def merge_models(
             out._lightning_merge_backup = backup  # type: ignore[assignment]
             result = out
         elif out_format == "safetensors":
-            from .targets.hf import save_state_dict_file
+            from .targets.shards import save_state_dict_file
 
             result = save_state_dict_file(stream, out, overwrite=overwrite, layout=layout,
                                           metadata={"lightning_merge_method": method.name})

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, SourceError
-from .targets.hf import atomic_file
+from .targets.atomic import atomic_file
 
 __all__ = ["TASKS", "Example", "load_task", "minilm_dir", "prepare", "split_task"]
 

@@ -211,7 +211,7 @@ def plot(rows: list[Row], tasks: tuple[str, ...], path: Path) -> None:
     ax.set_title("all-MiniLM-L6-v2: base, experts, merges, search + fine-tune")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
-    from .targets.hf import atomic_file
+    from .targets.atomic import atomic_file
 
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

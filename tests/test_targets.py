@@ -367,7 +367,7 @@ def test_streamed_shards_equal_buffered(tmp_path):
     """Header-first streaming writes the same tensors as save_file, loadable by safetensors/transformers."""
     from safetensors.torch import load_file
 
-    from lightning_merge.targets.hf import save_safetensors_shards
+    from lightning_merge.targets.shards import save_safetensors_shards
 
     tensors = _layout_tensors()
     layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]

@@ -425,7 +425,7 @@ def plot_tasks(base: Setting, experts: dict[str, Setting], best: dict[str, Setti
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from lightning_merge.targets.hf import atomic_file
+    from lightning_merge.targets.atomic import atomic_file
 
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

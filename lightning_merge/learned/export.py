@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ..lightning.diagnostics import group_of
 from ..sources.base import ModuleSource
-from ..targets.hf import atomic_file, save_hf_folder
+from ..targets.atomic import atomic_file
+from ..targets.hf import save_hf_folder
 
 log = logging.getLogger(__name__)
 

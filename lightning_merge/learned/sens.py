@@ -110,7 +110,7 @@ class SensFactors:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from ..targets.hf import atomic_file
+        from ..targets.atomic import atomic_file
 
         return atomic_file(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
 

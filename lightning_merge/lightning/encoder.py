@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from ..targets.hf import atomic_file
+from ..targets.atomic import atomic_file
 from .tasks import DType, Finetune, _HFTaskModule
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class EncoderClassifier(_HFTaskModule):
     def save_expert(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the encoder as an expert for ``MergeCallback``, atomically: a Hugging Face folder after a
         full fine-tune, a PEFT adapter folder after a LoRA fine-tune (merged in exact dense-delta space)."""
-        from ..targets.hf import atomic_output_dir
+        from ..targets.atomic import atomic_output_dir
 
         with atomic_output_dir(Path(path), overwrite=overwrite) as tmp:
             self.model.save_pretrained(tmp)

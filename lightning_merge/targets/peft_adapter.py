@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleTensorError, MergeError
-from .hf import PathLike, atomic_output_dir, check_output_dir
+from .atomic import PathLike, atomic_output_dir, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def save_lora_adapter(
             ``ΔW = merged − base``. 2-D ``.weight`` deltas become LoRA modules; all-zero deltas are
             skipped (debug log); other non-zero deltas cannot be carried by LoRA (see ``unsupported``).
         out_dir: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), written
-            atomically (:func:`~lightning_merge.targets.hf.atomic_output_dir`).
+            atomically (:func:`~lightning_merge.targets.atomic.atomic_output_dir`).
         rank: LoRA rank r. A module with ``min(out, in) < rank`` is clamped to ``min(out, in)`` (exact)
             and listed in the config's ``rank_pattern``.
         alpha: ``lora_alpha``; default ``rank``, so the scaling ``alpha / r`` is 1. The factors absorb

@@ -54,7 +54,8 @@ def merge_models(
         base: the pre-trained model (HF folder, .safetensors, .ckpt, state dict or module). With
             ``out`` a module and ``base=None``, the module's own weights are the base.
         experts: fine-tuned models or PEFT LoRA adapter folders, freely mixed.
-        method: a merge method, e.g. ``Ties(density=0.2)`` or ``get_method("della", ...)``.
+        method: a merge method, e.g. ``Ties(density=0.2)``, ``get_method("della", ...)`` or a name
+            (``"ties"``: :func:`~lightning_merge.methods.get_method` with its defaults).
         weights: one weight per expert (default 1 each).
         seed: global seed; each (tensor, expert) draws from its own generator.
         out: None -> return a state dict; an ``nn.Module`` -> merge into it in place (its previous
@@ -75,23 +76,45 @@ def merge_models(
         strict: error, instead of copying, on tensors the base lacks.
         tensor_params: per-tensor overrides ``name -> {param: value, "weights": [...]}``.
         progress: show a progress bar (None: only on long merges in a terminal).
-        overwrite: replace an existing output folder.
+        overwrite: replace an existing output folder. An output that is, contains or lies inside
+            the base or an expert is refused even so (real paths, symlinks followed).
+
+    Every argument is checked before anything is read or written
+    (:mod:`lightning_merge.preflight`): a bad type or value, an unavailable device, an output that
+    would destroy an input, an unwritable location or too little free space raise one
+    :class:`~lightning_merge.errors.ConfigError` / :class:`~lightning_merge.errors.OutputError`.
+    One summary line is logged at INFO on the ``lightning_merge.api`` logger.
     """
+    from . import preflight
+
     t0 = time.perf_counter()
+    method = preflight.check_method(method)
+    experts = preflight.check_experts(experts)
+    seed = preflight.check_seed(seed)
+    device = preflight.resolve_device(device)
+    for flag, value in (("overwrite", overwrite), ("strict", strict)):
+        preflight.check_flag(value, flag)
     if isinstance(out_dtype, str):
         out_dtype = parse_dtype(out_dtype)
+    elif out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise ConfigError(f"out_dtype must be a torch.dtype or a name such as 'bfloat16', got {out_dtype!r}")
+    if weights is not None and (isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence)):
+        raise ConfigError(f"weights must be a list with one number per expert, got {weights!r}")
+    inputs = preflight.input_paths([base, *experts])
     if isinstance(out, (str, os.PathLike)):
-        from .targets.atomic import check_output_dir
-
         if out_format is None:
             out_format = "safetensors" if str(out).endswith(".safetensors") else "hf"
         if out_format not in ("hf", "safetensors", "peft"):
             raise ConfigError(f"out_format '{out_format}' is not one of ['hf', 'safetensors', 'peft']")
         if out_format == "peft" and base is None:
             raise ConfigError("out_format='peft' stores merged - base: pass the base model")
-        if out_format == "peft" and (not isinstance(adapter_rank, int) or adapter_rank < 1):
+        if out_format == "peft" and (isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int)
+                                     or adapter_rank < 1):
             raise ConfigError(f"adapter_rank must be a positive integer, got {adapter_rank!r}")
-        check_output_dir(out, overwrite)
+        preflight.check_output(out, [base, *experts], overwrite)
+    elif out is not None and not isinstance(out, nn.Module):
+        raise ConfigError(f"out must be None (return a state dict), a path or an nn.Module, got "
+                          f"{type(out).__name__}")
     opened: list[Source] = []
     try:
         if base is None and isinstance(out, nn.Module):
@@ -106,41 +129,54 @@ def merge_models(
             base_src, expert_srcs, method, weights=weights, seed=seed, device=device,
             out_dtype=out_dtype, vocab_policy=vocab_policy, strict=strict, tensor_params=tensor_params,
         )
-        stream = run_plan(plan, progress=progress)
         layout = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+        inputs += preflight.input_paths([base_src, *expert_srcs])
+        stream = run_plan(plan, progress=progress)
         if out is None:
             result: Any = dict(stream)
+            where = "a state dict"
         elif isinstance(out, nn.Module):
             from .targets.module import load_into_module
 
             backup = load_into_module(out, stream, strict=strict)
             out._lightning_merge_backup = backup  # type: ignore[assignment]
             result = out
+            where = f"the module {type(out).__name__}"
         elif out_format == "safetensors":
             from .targets.shards import save_state_dict_file
 
-            result = save_state_dict_file(stream, out, overwrite=overwrite, layout=layout,
+            result = save_state_dict_file(stream, out, overwrite=overwrite, layout=layout, inputs=inputs,
                                           metadata={"lightning_merge_method": method.name})
+            where = f"'{out}'"
         elif out_format == "peft":
-            result = _save_adapter(stream, base_src, base, out, adapter_rank, overwrite)
+            result = _save_adapter(stream, base_src, base, out, adapter_rank, overwrite, inputs)
+            where = f"the LoRA adapter '{out}' (rank {adapter_rank})"
         else:
             from .targets.hf import save_hf_folder
 
             padded = [t.pad_rows for t in plan.tasks if t.pad_rows is not None]
             result = save_hf_folder(
                 stream, out, config_dir=getattr(base_src, "config_dir", None), overwrite=overwrite,
-                max_shard_bytes=max_shard_bytes, layout=layout,
+                max_shard_bytes=max_shard_bytes, layout=layout, inputs=inputs,
                 metadata={"lightning_merge_method": method.name},
                 config_updates={"vocab_size": max(padded)} if padded else None,
             )
+            where = f"'{out}'"
     finally:
         for s in opened:
             s.close()
-    log.info("merged %d experts with %s in %.2f s", len(experts), method.name, time.perf_counter() - t0)
+    nbytes = sum(t.numel * torch.empty((), dtype=t.out_dtype).element_size() for t in plan.tasks)
+    log.info("merged %d expert(s) with %s: %d tensors (%.1f MB) into %s in %.2f s", len(experts),
+             method.name, len(plan.tasks), nbytes / 1e6, where, time.perf_counter() - t0,
+             extra={SUMMARY: True})
     return result
 
 
-def _save_adapter(stream, base_src: Source, base: Any, out, rank: int, overwrite: bool) -> Any:
+#: ``extra`` key marking the one summary line a merge logs (the CLI prints its own instead)
+SUMMARY = "lightning_merge_summary"
+
+
+def _save_adapter(stream, base_src: Source, base: Any, out, rank: int, overwrite: bool, inputs: list[Path]) -> Any:
     """Turn merged tensors into merged - base deltas and factorize them into a LoRA adapter."""
     from .targets.peft_adapter import save_lora_adapter
 
@@ -151,12 +187,8 @@ def _save_adapter(stream, base_src: Source, base: Any, out, rank: int, overwrite
 
     base_keys = set(base_src.keys())
     label = str(base) if isinstance(base, (str, os.PathLike)) else None
-    report = save_lora_adapter(deltas(), out, rank=rank, base_model_name_or_path=label, overwrite=overwrite)
-    if report:
-        errs = sorted(report.values())
-        log.info("LoRA adapter rank %d: %d modules, relative error median %.3g, max %.3g",
-                 rank, len(errs), errs[len(errs) // 2], errs[-1])
-    return report
+    return save_lora_adapter(deltas(), out, rank=rank, base_model_name_or_path=label, overwrite=overwrite,
+                             inputs=inputs)
 
 
 _DTYPES = {

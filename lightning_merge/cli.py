@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MergeError
+from .errors import Interrupted, MergeError, cli_message
 
 PROG = "lightning-merge"
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -71,6 +71,13 @@ class _OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+def _not_the_summary(record: logging.LogRecord) -> bool:
+    """The library's own summary line is left out: the command prints its summary on stdout."""
+    from .api import SUMMARY
+
+    return not getattr(record, SUMMARY, False)
+
+
 def _count_tensors(out: Path) -> int:
     from safetensors import safe_open
 
@@ -82,23 +89,28 @@ def _count_tensors(out: Path) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .mergekit_config import parse_config
+    from . import preflight
+    from .applied import applied_values
+    from .mergekit_config import _tensor_names, parse_config
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    existed = out.exists()
-    try:
-        recipe = parse_config(args.config)
-        log.info("%s: %s with %d expert(s) on base %s", args.config, recipe.method, len(recipe.experts),
-                 recipe.base)
-        recipe.merge(out, device=args.device, seed=args.seed, out_dtype=args.out_dtype,
-                     overwrite=args.overwrite, progress=args.progress, out_format=args.out_format,
-                     adapter_rank=args.adapter_rank)
-    except BaseException:
-        # the targets write atomically; this also covers a folder created before the failure
-        if not existed and out.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    preflight.resolve_device(args.device, "--device")
+    if args.seed is not None:
+        preflight.check_seed(args.seed, "--seed")
+    if args.adapter_rank < 1:
+        raise MergeError(f"--adapter-rank must be a positive integer, got {args.adapter_rank}")
+    recipe = parse_config(args.config)
+    donor = recipe.base if recipe.base is not None else recipe.experts[0]
+    preflight.check_output(out, [donor, *recipe.experts], args.overwrite)
+    names = _tensor_names(donor) if recipe.tensor_params is not None else []
+    log.info("%s: %s (%s) with %d expert(s) %s on base '%s'", args.config, recipe.merge_method,
+             type(recipe.method).__name__, len(recipe.experts), recipe.experts, recipe.base)
+    for line in applied_values(recipe, names):
+        log.info("  %s", line)
+    recipe.merge(out, device=args.device, seed=args.seed, out_dtype=args.out_dtype,
+                 overwrite=args.overwrite, progress=args.progress, out_format=args.out_format,
+                 adapter_rank=args.adapter_rank)
     seconds = time.perf_counter() - t0
     say(f"{PROG}: merged {_count_tensors(out)} tensors with {recipe.merge_method} "
         f"({type(recipe.method).__name__}) in {seconds:.2f} s -> {out}")
@@ -138,18 +150,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     pkg_log = logging.getLogger("lightning_merge")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
+    handler.addFilter(_not_the_summary)
     old_level, old_propagate = pkg_log.level, pkg_log.propagate
     pkg_log.addHandler(handler)
     pkg_log.setLevel(logging.INFO)
     pkg_log.propagate = False  # this handler reports; an application's root handler would repeat it
+    from .targets.atomic import interrupt_on_termination
+
     try:
-        return _merge(args)
+        with interrupt_on_termination():
+            return _merge(args)
     except MergeError as e:
-        say(f"{PROG}: error: {' '.join(str(e).split())}", sys.stderr)
+        say(f"{PROG}: error: {cli_message(e)}", sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        say(f"{PROG}: interrupted; no output written", sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else 2
+        say(f"{PROG}: interrupted ({'SIGINT' if signum == 2 else str(e).split()[-1]}); no output written",
+            sys.stderr)
+        return 128 + signum
+    except Exception as e:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("LIGHTNING_MERGE_TRACEBACK"):
+            raise
+        say(f"{PROG}: error: internal error {type(e).__name__}: {' '.join(str(e).split())} (a bug in "
+            f"{PROG}; no output was written; rerun with LIGHTNING_MERGE_TRACEBACK=1 for the traceback "
+            "and report it)", sys.stderr)
+        return 1
     finally:
         pkg_log.removeHandler(handler)
         pkg_log.setLevel(old_level)

@@ -261,15 +261,59 @@ def build_plan(
             log.info("'%s': every model padded to %d rows with the mean of its rows (vocab_policy='pad_mean')",
                      name, task.pad_rows)
             task.shape = (task.pad_rows, *shape[1:])
-        missing = [i for i in range(n) if i not in present]
-        if missing and base is not None:
-            log.debug("'%s' is absent from experts %s: they are left out of this tensor", name, missing)
         tasks.append(task)
+    if base is not None:
+        _warn_missing(base, aligned, tasks)
 
     return MergePlan(
         base=base, experts=aligned, method=method, weights=weights, tasks=tasks, seed=seed,
         device=torch.device(device), tensor_params=tensor_params, check_finite=check_finite,
     )
+
+
+def _warn_missing(base: Source, experts: Sequence[Source], tasks: Sequence[TensorTask]) -> None:
+    """One warning per full-model expert that lacks tensors the base has (adapters cover only
+    their target modules by design), with the count and the layer groups affected."""
+    merged = [t for t in tasks if t.action == "merge"]
+    for i, e in enumerate(experts):
+        if e.kind != "full":
+            continue
+        lacking = [t.name for t in merged if i not in t.experts]
+        if lacking:
+            log.warning("%s: lacks %d of the base's %d merged tensors (%s); those tensors are merged from the "
+                        "other experts only, or kept from the base where no expert has them", e.label,
+                        len(lacking), len(merged), tensor_groups(lacking))
+
+
+def tensor_groups(names: Sequence[str]) -> str:
+    """A short description of where ``names`` lie: layer ranges per stack, and the other modules."""
+    import re
+
+    layers: dict[str, set[int]] = {}
+    other: list[str] = []
+    for n in names:
+        m = re.match(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)(?:\.|$)", n)
+        if m:
+            layers.setdefault(m.group(1), set()).add(int(m.group(2)))
+        else:
+            other.append(n.rsplit(".", 1)[0] if n.endswith((".weight", ".bias")) else n)
+    parts = []
+    for stack, idx in layers.items():
+        ranges, run = [], []
+        for k in sorted(idx):
+            if run and k == run[-1] + 1:
+                run.append(k)
+            else:
+                if run:
+                    ranges.append(run)
+                run = [k]
+        ranges.append(run)
+        text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in ranges)
+        parts.append(f"{stack} {text}")
+    other = list(dict.fromkeys(other))
+    if other:
+        parts.append(", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ reading

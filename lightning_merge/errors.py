@@ -17,3 +17,37 @@ class SourceError(MergeError):
 
 class IncompatibleTensorError(SourceError):
     """Tensors that should merge elementwise do not match (shape, architecture, NaN/Inf)."""
+
+
+class OutputError(MergeError):
+    """The output cannot be written there: it is an input, its location is not writable, the disk is
+    full, another run is writing it, or a write failed midway (the partial output is removed)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived while lightning_merge was writing; the partial output was
+    removed. ``signum`` is the signal's number (the command exits with ``128 + signum``)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+
+#: Python-API spellings in messages -> the command line's flags (used by ``cli_message``)
+_CLI_SPELLINGS = (
+    ("pass overwrite=True", "pass --overwrite"),
+    ("overwrite=True", "--overwrite"),
+    ("adapter_rank=", "--adapter-rank "),
+    ("out_dtype=", "--out-dtype "),
+    ("out_format=", "--format "),
+)
+
+
+def cli_message(err: BaseException) -> str:
+    """``err``'s message on one line, with Python argument names replaced by the command's flags."""
+    text = " ".join(str(err).split())
+    for py, cli in _CLI_SPELLINGS:
+        text = text.replace(py, cli)
+    return text

@@ -135,6 +135,7 @@ import torch
 
 from .errors import ConfigError
 from .methods.base import MergeMethod, method_class
+from .yaml_io import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -565,26 +566,6 @@ def _tensor_names(spec: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- parsing
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one YAML document into a dict (ConfigError on a missing file or bad YAML)."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        docs = [d for d in yaml.safe_load_all(p.read_text(encoding="utf-8")) if d is not None]
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
-    if len(docs) != 1 or not isinstance(docs[0], dict):
-        what = f"{len(docs)} documents" if len(docs) != 1 else f"a {type(docs[0]).__name__}"
-        raise ConfigError(
-            f"{path}: expected one YAML mapping with 'merge_method', 'models', ... (got {what}); "
-            "multi-document (mergekit-mega) files are not supported"
-        )
-    return docs[0]
-
 
 def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
     """Parse a mergekit YAML (a path or an already-loaded dict) into a :class:`MergeRecipe`.

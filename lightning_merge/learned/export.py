@@ -78,7 +78,17 @@ def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dt
     """See :meth:`LearnedMerge.export <lightning_merge.learned.LearnedMerge.export>`."""
     if path is None:
         return dict(iter_merged(module, dtype, target_only=target_only))
+    from ..preflight import check_output
+
+    inputs = list(getattr(module, "input_paths", []))
+    check_output(path, inputs, overwrite)
     whole = not target_only or not module.target_name
+    def finish(folder: Path) -> None:  # inside the temporary folder: the export appears whole
+        if coefficients:
+            save_coefficients(module, folder)
+        if plot:
+            plot_coefficients(module, folder / COEFFICIENTS_PNG)
+
     with tempfile.TemporaryDirectory(prefix="lm-config-") as tmp:
         config_dir = module.model_path if whole else None
         cfg = getattr(module.model if whole else _target(module), "config", None)
@@ -86,12 +96,8 @@ def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dt
             cfg.save_pretrained(tmp)
             config_dir = tmp
         out = save_hf_folder(iter_merged(module, dtype, target_only=target_only), path, config_dir=config_dir,
-                             overwrite=overwrite,
+                             overwrite=overwrite, inputs=inputs, finish=finish,
                              metadata={"lightning_merge_method": f"learned_{module.granularity}"})
-    if coefficients:
-        save_coefficients(module, out)
-    if plot:
-        plot_coefficients(module, out / COEFFICIENTS_PNG)
     return out
 
 

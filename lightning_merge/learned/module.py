@@ -169,6 +169,9 @@ class LearnedMerge(pl.LightningModule):
         self.export_dir, self.export_dtype, self.overwrite = export_dir, STORAGE_DTYPES[export_dtype], overwrite
 
         self.model, self.model_path = build_model(who, model, model_class, model_kwargs)
+        #: the files this merge reads: an export may not be, contain or lie inside any of them
+        self.input_paths = [os.fspath(v) for v in [*experts, base, self.model_path]
+                            if isinstance(v, (str, os.PathLike))]
         first = open_source(experts[0])
         try:
             self.target_name, target_module = find_target(self.model, first, target)

@@ -61,6 +61,7 @@ from ..engine import (
 from ..errors import ConfigError, MergeError
 from ..methods.base import MergeMethod, check_weights, get_method
 from ..sources.base import ModuleSource, Source, align
+from ..sources.identity import identified
 from ..sources.resolve import open_source
 from ..targets.module import WeightBackup, find_tensor
 from .diagnostics import group_of, method_group_means, sign_conflict
@@ -239,7 +240,9 @@ class MergeCallback(Callback):
         raise ConfigError(f"MergeCallback: method must be a MergeMethod or a method name, got {method!r}")
 
     def config(self) -> dict[str, Any]:
-        """What determines the merged weights (hashed into :attr:`config_hash` and :attr:`state_key`)."""
+        """What determines the merged weights (hashed into :attr:`config_hash` and :attr:`state_key`,
+        with the expert and base paths replaced by the content identity of their files:
+        :func:`~lightning_merge.sources.identity.content_identity`)."""
         return {
             "experts": [os.path.normpath(e) for e in self.experts],
             "base": None if self.base is None else os.path.normpath(self.base),
@@ -252,7 +255,7 @@ class MergeCallback(Callback):
         }
 
     def _hash(self) -> str:
-        text = json.dumps(self.config(), sort_keys=True, default=repr)
+        text = json.dumps(identified(self.config()), sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property

@@ -64,6 +64,7 @@ from ..engine import MergePlan, build_plan, run_plan
 from ..errors import ConfigError, MergeError
 from ..methods.base import MergeMethod, check_weights, get_method
 from ..sources.base import Source
+from ..sources.identity import identified
 from ..sources.resolve import open_source
 from ..targets.module import find_tensor, load_into_module
 from .search_cache import SearchInputs, Store, cache_inputs, module_device
@@ -212,7 +213,9 @@ class BaseMergeSearch(Callback):
     # ---- state
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self._config(), sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        """Hash of :meth:`_config`, the expert and base paths replaced by their files' content identity."""
+        text = json.dumps(identified(self._config()), sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def state_key(self) -> str:

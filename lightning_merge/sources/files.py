@@ -2,8 +2,9 @@
 
 Every source here reads only *headers* when it is opened, and one tensor per :meth:`get` call:
 
-* :class:`SafetensorsFileSource`: one ``.safetensors`` file through ``safe_open`` (memory-mapped).
-  The header is validated at open time, so a truncated or corrupted file fails there, naming the file.
+* :class:`SafetensorsFileSource`: one ``.safetensors`` file, read tensor by tensor with ``pread``
+  (no memory map: a file truncated mid-merge is an error, not a SIGBUS). The header is validated at
+  open time, so a truncated or corrupted file fails there, naming the file.
 * :class:`TorchFileSource`: ``.bin`` / ``.pt`` / ``.pth`` files and Lightning ``.ckpt`` checkpoints,
   through ``torch.load(mmap=True, weights_only=True)``: tensor data stays on disk until used.
   A Lightning checkpoint's ``"state_dict"`` entry is used; its key prefixes (``model.`` for a
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ..errors import SourceError
@@ -71,8 +71,19 @@ def _missing_key(label: str, key: str, keys: list[str]) -> SourceError:
 
 # --------------------------------------------------------------------------------------- safetensors
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """Parse a safetensors header: ``name -> (dtype code, shape)`` in storage order, and the metadata."""
+#: element sizes of the safetensors dtype codes
+_ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for code, dt in _ST_DTYPES.items()}
+
+
+def _read_safetensors_header(
+    path: Path,
+) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
+    """Parse and validate a safetensors header.
+
+    Returns ``name -> (dtype code, shape, begin, end)`` in storage order (byte offsets into the data
+    section), the metadata, and where the data section starts. Every entry must have a known dtype,
+    a byte range that matches its shape and lies inside the file: a truncated or corrupted file
+    fails here, naming the file and the first tensor at fault."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -90,47 +101,81 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(f"{path}: corrupted safetensors header ({e}); re-save or re-download it") from e
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupted safetensors header (not a JSON object); re-save or re-download it")
     meta = header.pop("__metadata__", None) or {}
-    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in entries}, meta
+    data_start, data_size = 8 + n, size - 8 - n
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    try:
+        ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in ordered:
+            code, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            entries[name] = (code, shape, begin, end)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SourceError(f"{path}: corrupted safetensors header (bad entry: {e}); re-save or re-download it") \
+            from None
+    unknown = {code for code, *_ in entries.values() if code not in _ST_DTYPES}
+    if unknown:
+        raise SourceError(
+            f"{path}: dtypes {sorted(unknown)} are not supported by the installed torch; "
+            "convert the file to a standard float dtype"
+        )
+    for name, (code, shape, begin, end) in entries.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _ITEMSIZE[code] or begin < 0:
+            raise SourceError(f"{path}: tensor '{name}' spans bytes {begin}-{end}, which does not match its shape "
+                              f"{list(shape)} ({code}); the file is corrupted: re-save or re-download it")
+        if end > data_size:
+            raise SourceError(f"{path}: tensor '{name}' ends at byte {end} of the data, but the file holds only "
+                              f"{data_size}; the file is truncated: re-save or re-download it")
+    return entries, meta, data_start
 
 
 class SafetensorsFileSource(Source):
-    """One ``.safetensors`` file, read lazily through ``safe_open``.
+    """One ``.safetensors`` file, read lazily: one tensor per :meth:`get`, with ``pread``.
 
     The header is parsed and validated when the source is created: a missing, truncated or corrupted
     file raises :class:`SourceError` naming the file. ``metadata`` holds the file's ``__metadata__``.
+
+    Tensors are read into fresh memory with positional reads, not through a memory map: a file
+    that is truncated or replaced while a merge reads it gives a :class:`SourceError` naming it (a
+    short read, or a size or modification time that changed since the file was opened), where a
+    memory map would kill the process with SIGBUS. The tensors are the caller's to modify.
     """
 
-    # safetensors >= 0.5 returns views of a private memory map: writing into one would change what
-    # later reads of the same open file return, so the engine must never compute in place on them
-    fresh_tensors = False
+    fresh_tensors = True
 
     def __init__(self, path: PathLike, label: str | None = None):
         self.path = Path(path).expanduser()
         self.label = label or str(self.path)
         if not self.path.is_file():
             raise SourceError(f"{self.path}: no such safetensors file; check the path")
-        self._handle: Any = None
-        self._open()
-        self._header, self.metadata = _read_safetensors_header(self.path)
-        unknown = {code for code, _ in self._header.values() if code not in _ST_DTYPES}
-        if unknown:
-            raise SourceError(
-                f"{self.path}: dtypes {sorted(unknown)} are not supported by the installed torch; "
-                "convert the file to a standard float dtype"
-            )
+        self._fd: int | None = None
+        self._header, self.metadata, self._data_start = _read_safetensors_header(self.path)
+        st = self.path.stat()
+        self._stamp = (st.st_size, st.st_mtime_ns)
 
-    def _open(self) -> Any:
-        if self._handle is None:
+    def _open(self) -> int:
+        if self._fd is None:
             try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as e:  # SafetensorError is not importable under a stable name
-                raise SourceError(
-                    f"{self.path}: not a readable safetensors file ({e}); the file is truncated or "
-                    "corrupted, re-save or re-download it"
-                ) from e
-        return self._handle
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise SourceError(f"{self.path}: cannot be opened ({e.strerror}); check the path and permissions") \
+                    from None
+            st = os.fstat(self._fd)
+            if (st.st_size, st.st_mtime_ns) != self._stamp:
+                self._changed(st.st_size)
+        return self._fd
+
+    def _changed(self, size: int) -> None:
+        raise SourceError(
+            f"{self.path}: the file changed on disk while it was being merged (size {self._stamp[0]} -> {size} "
+            "bytes, or a new modification time); nothing was written. Rerun once the file is complete and "
+            "no other program writes it"
+        )
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -138,7 +183,7 @@ class SafetensorsFileSource(Source):
     def __contains__(self, key: str) -> bool:
         return key in self._header
 
-    def _entry(self, key: str) -> tuple[str, tuple[int, ...]]:
+    def _entry(self, key: str) -> tuple[str, tuple[int, ...], int, int]:
         try:
             return self._header[key]
         except KeyError:
@@ -151,15 +196,40 @@ class SafetensorsFileSource(Source):
         return _ST_DTYPES[self._entry(key)[0]]
 
     def get(self, key: str) -> Tensor:
-        self._entry(key)
-        return self._open().get_tensor(key)
+        code, shape, begin, end = self._entry(key)
+        fd = self._open()
+        t = torch.empty(shape, dtype=_ST_DTYPES[code])
+        if end > begin:
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            done, offset = 0, self._data_start + begin
+            while done < len(buf):
+                try:
+                    n = os.preadv(fd, [buf[done:]], offset + done)
+                except OSError as e:
+                    raise SourceError(f"{self.path}: reading tensor '{key}' failed ({e.strerror}); check the disk "
+                                      "and rerun") from None
+                if n == 0:
+                    self._changed(os.fstat(fd).st_size)
+                done += n
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            self._changed(st.st_size)
+        return t
 
     def close(self) -> None:
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: S110 (interpreter shutdown)
+            pass
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for spawned workers: reopen lazily
         state = dict(self.__dict__)
-        state["_handle"] = None
+        state["_fd"] = None
         return state
 
 

@@ -13,15 +13,15 @@ import logging
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .atomic import PathLike, atomic_output_dir, check_output_dir
-from .shards import DEFAULT_MAX_SHARD_BYTES, Layout, TensorStream, save_safetensors_shards
+from .atomic import PathLike, atomic_output_dir, check_output_dir, writes
+from .shards import DEFAULT_MAX_SHARD_BYTES, Layout, TensorStream, _nbytes_of, save_safetensors_shards
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,13 @@ def save_hf_folder(
     metadata: dict[str, str] | None = None,
     layout: Layout | None = None,
     config_updates: dict | None = None,
+    inputs: Iterable[PathLike] = (),
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write a Hugging Face model folder (shards + config + tokenizer) atomically; return its path.
+
+    ``finish(folder)``, when given, adds files of its own to the temporary folder before it is
+    renamed into place (so they appear with the model, or not at all).
 
     ``config_updates`` are set in the copied config.json (e.g. ``vocab_size`` after a merge that
     padded the embeddings to a larger vocabulary).
@@ -175,7 +180,9 @@ def save_hf_folder(
     :class:`_HfStream`.
 
     Raises :class:`OutputExistsError` before reading the stream if ``out_dir`` is a non-empty
-    directory and ``overwrite`` is false.
+    directory and ``overwrite`` is false, and :class:`~lightning_merge.errors.OutputError` if it is,
+    contains or lies inside one of ``inputs`` (the merge's input paths), or if the free space is
+    below the size that ``layout`` implies.
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite)
@@ -184,10 +191,11 @@ def save_hf_folder(
     if config is not None and config_updates:
         config.update(config_updates)
     tied = bool(config and config.get("tie_word_embeddings", False))
+    expected = None if layout is None else sum(_nbytes_of(shape, dtype) for _, shape, dtype in layout)
     stream = _HfStream(tensors, tied=tied)
     if layout is not None and tied and any(_TIED_HEAD.search(name) for name, _, _ in layout):
         layout = None
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
         save_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, metadata=metadata, layout=layout)
         if config is not None:
             if stream.dtype_numel:
@@ -198,13 +206,17 @@ def save_hf_folder(
                 _set_dtype(config, ranked[0][0])
             if stream.untie:
                 config["tie_word_embeddings"] = False
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            with writes(tmp / CONFIG_FILE):
+                (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if cfg_dir is not None:
             copied = [n for n in COPIED_FILES if (cfg_dir / n).is_file()]
             if config is not None and config.get("auto_map"):
                 copied += [p.name for p in sorted(cfg_dir.glob("*.py"))]
             for n in copied:
-                shutil.copy2(cfg_dir / n, tmp / n)
+                with writes(tmp / n):
+                    shutil.copy2(cfg_dir / n, tmp / n)
             log.debug("copied %s from '%s'", copied, cfg_dir)
-    log.info("saved Hugging Face folder '%s'", out)
+        if finish is not None:
+            finish(tmp)
+    log.debug("saved Hugging Face folder '%s'", out)
     return out

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleTensorError, MergeError
-from .atomic import PathLike, atomic_output_dir, check_output_dir
+from .atomic import PathLike, atomic_output_dir, check_output_dir, writes
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,16 @@ class LoraExportReport(dict[str, float]):
     skipped: list[str]
     unsupported: list[str]
     path: Path | None
+    #: module -> the smallest rank that brings its error under the warning threshold (modules
+    #: above it only; a negative value -n means "at least n": the exact spectrum was not computed)
+    needed_rank: dict[str, int]
 
     def __init__(self) -> None:
         super().__init__()
         self.skipped = []
         self.unsupported = []
         self.path = None
+        self.needed_rank = {}
 
 
 @dataclass
@@ -78,6 +82,26 @@ class _Factors:
     norm: float
     error: float
     embedding: bool
+    #: the smallest rank whose error is at most the warning threshold (None: already under it;
+    #: negative: only a lower bound -n is known)
+    needed: int | None = None
+
+
+#: matrices up to this many elements get their exact spectrum (``svdvals``) when the rank that
+#: meets the error threshold must be found beyond the randomized SVD's columns
+EXACT_SPECTRUM_MAX = 1 << 24
+
+
+def needed_rank(s: Tensor, norm: float, threshold: float) -> int | None:
+    """The smallest r with ‖M − M_r‖_F / ‖M‖_F ≤ threshold, from M's singular values ``s``
+    (descending; Eckart–Young: the error of the best rank-r approximation is √(Σ_{i>r} s_i²)).
+    None when even the full given spectrum does not reach it (``s`` was truncated)."""
+    if norm == 0:
+        return 0
+    energy = norm * norm
+    tail = energy - torch.cumsum(s.double() ** 2, 0)  # error² after keeping 1, 2, ... values
+    ok = torch.nonzero(tail.clamp_min(0).sqrt() / norm <= threshold)
+    return int(ok[0]) + 1 if len(ok) else None
 
 
 def _randomized_svd(m: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,7 +126,7 @@ def _use_randomized(svd: SvdMethod, shape: tuple[int, int], k: int) -> bool:
 
 def _factorize(
     name: str, module: str, delta: Tensor, rank: int, alpha: float, transpose: bool, svd: SvdMethod,
-    embedding: bool,
+    embedding: bool, threshold: float,
 ) -> _Factors:
     mat = delta.T if transpose else delta  # PEFT's B @ A approximates this
     k = min(rank, *mat.shape)
@@ -110,18 +134,27 @@ def _factorize(
         log.info("'%s': rank %d exceeds min(out, in) = %d; clamped to %d (rank_pattern)",
                  name, rank, min(mat.shape), k)
     scaling = alpha / k
+    spectrum = None
     if _use_randomized(svd, tuple(mat.shape), k):
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         u, s, vh = _randomized_svd(mat, k, gen)
     else:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        spectrum = s
         u, s, vh = u[:, :k], s[:k], vh[:k]
     root = s.sqrt()
     b = u * (root / math.sqrt(scaling))
     a = (root / math.sqrt(scaling))[:, None] * vh
     norm = float(torch.linalg.matrix_norm(mat))
     error = float(torch.linalg.matrix_norm(mat - scaling * (b @ a))) / norm
-    return _Factors(module, a.contiguous(), b.contiguous(), k, norm, error, embedding)
+    needed = None
+    if error > threshold:
+        if spectrum is None and mat.numel() <= EXACT_SPECTRUM_MAX:
+            spectrum = torch.linalg.svdvals(mat)
+        needed = needed_rank(spectrum, norm, threshold) if spectrum is not None else None
+        if needed is None:  # only the top k values are known: the rank needed is above k
+            needed = -(k + 1)
+    return _Factors(module, a.contiguous(), b.contiguous(), k, norm, error, embedding, needed)
 
 
 def save_lora_adapter(
@@ -136,6 +169,8 @@ def save_lora_adapter(
     svd: SvdMethod = "auto",
     fan_in_fan_out: bool = False,
     unsupported: Literal["warn", "error"] = "warn",
+    inputs: Iterable[PathLike] = (),
+    warn_error: float = 0.1,
 ) -> LoraExportReport:
     """Factorize merged dense deltas into a PEFT LoRA adapter folder; return the error per module.
 
@@ -163,6 +198,11 @@ def save_lora_adapter(
         unsupported: ``"warn"`` (default): non-zero deltas that are not 2-D ``.weight`` matrices are
             left out with a warning and listed in the report's ``unsupported``; ``"error"``: raise
             :class:`~lightning_merge.errors.IncompatibleTensorError` instead (before writing).
+        inputs: paths the output must not be, contain or lie inside (the merge's inputs).
+        warn_error: modules whose relative error exceeds this get one warning, with the rank that
+            would bring every one of them under it (Eckart–Young, from the exact spectrum; for
+            matrices over :data:`EXACT_SPECTRUM_MAX` elements factorized by the randomized SVD only
+            a lower bound is known). The per-module ranks are in the report's ``needed_rank``.
 
     Returns:
         :class:`LoraExportReport`: module name -> ``‖ΔW − s·B@A‖_F / ‖ΔW‖_F`` for every exported module,
@@ -211,7 +251,7 @@ def save_lora_adapter(
         module = name[: -len(".weight")]
         embedding = bool(_EMBEDDING.search(module))
         transpose = embedding or fan_in_fan_out
-        factors.append(_factorize(name, module, delta, rank, alpha, transpose, svd, embedding))
+        factors.append(_factorize(name, module, delta, rank, alpha, transpose, svd, embedding, warn_error))
         del delta
 
     if report.unsupported:
@@ -238,6 +278,8 @@ def save_lora_adapter(
         else:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = f.a, f.b
         report[f.module] = f.error
+        if f.needed is not None:
+            report.needed_rank[f.module] = f.needed
         log.debug("'%s': rank %d, relative error %.3g", f.module, f.rank, f.error)
 
     from peft import LoraConfig  # deferred: peft pulls in transformers
@@ -252,11 +294,22 @@ def save_lora_adapter(
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model_name_or_path,
     )
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs,
+                           expected_bytes=sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        with writes(tmp / ADAPTER_WEIGHTS):
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with writes(tmp):
+            config.save_pretrained(str(tmp))
     worst = max(report, key=report.__getitem__)
     log.info("saved LoRA adapter '%s': %d modules at rank %d, relative error mean %.3g, max %.3g ('%s')",
              out_dir, len(report), rank, sum(report.values()) / len(report), report[worst], worst)
+    if report.needed_rank:
+        need = max(abs(v) for v in report.needed_rank.values())
+        bound = any(v < 0 and abs(v) == need for v in report.needed_rank.values())
+        log.warning(
+            "LoRA adapter '%s': %d of %d modules reconstruct the merged delta with relative error above %g "
+            "(max %.3g at '%s'); %s rank %d would bring every module under %g (adapter_rank / --adapter-rank; "
+            "per module: the report's needed_rank)", out_dir, len(report.needed_rank), len(report), warn_error,
+            report[worst], worst, "a" if not bound else "at least", need, warn_error)
     report.path = Path(out_dir)
     return report

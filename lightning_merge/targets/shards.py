@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, MergeError
-from .atomic import OutputExistsError, PathLike, _fsync_dir, _fsync_file, _sibling
+from .atomic import OutputExistsError, PathLike, _fsync_dir, _fsync_file, atomic_output_file, shown, writes
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,12 @@ def _write_streamed_file(path: Path, entries, stream: Iterator[tuple[str, Tensor
         header["__metadata__"] = meta
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    with writes(path):
+        f = open(path, "wb")
+    with f:
+        with writes(path):
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
         for name, shape, dtype, _size in entries:
             try:
                 got, t = next(stream)
@@ -136,9 +139,11 @@ def _write_streamed_file(path: Path, entries, stream: Iterator[tuple[str, Tensor
                 raise MergeError(f"the tensor stream gave '{got}' ({what}) where the output layout expects "
                                  f"'{name}' ({list(shape)} {dtype}); the stream must follow the layout's order")
             data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
-        f.flush()
-        os.fsync(f.fileno())
+            with writes(path):
+                f.write(memoryview(data))
+        with writes(path):
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def save_safetensors_shards(
@@ -190,7 +195,8 @@ def save_safetensors_shards(
         nonlocal pending, pending_bytes
         path = out / f".model-part-{len(provisional):05d}-{token}.safetensors.partial"
         provisional.append(path)
-        save_file(pending, str(path), metadata=meta)
+        with writes(path):
+            save_file(pending, str(path), metadata=meta)
         _fsync_file(path)
         log.debug("wrote shard %d (%d tensors, %.1f MB)", len(provisional), len(pending), pending_bytes / 1e6)
         pending, pending_bytes = {}, 0
@@ -228,7 +234,8 @@ def save_safetensors_shards(
         n = len(provisional)
         files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for src, dst in zip(provisional, files, strict=True):
-            os.replace(src, out / dst)
+            with writes(out / dst):
+                os.replace(src, out / dst)
             created.append(out / dst)
         if n > 1:
             index = {
@@ -236,7 +243,8 @@ def save_safetensors_shards(
                 "weight_map": {k: files[weight_map[k]] for k in sorted(weight_map)},
             }
             created.append(out / INDEX_FILE)
-            (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            with writes(out / INDEX_FILE):
+                (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             _fsync_file(out / INDEX_FILE)
     except BaseException:
         for p in provisional + created:
@@ -244,7 +252,7 @@ def save_safetensors_shards(
                 p.unlink()
         raise
     _fsync_dir(out)
-    log.info("wrote %d tensors (%.1f MB) to '%s' in %d file(s)", len(weight_map), total_bytes / 1e6, out, n)
+    log.debug("wrote %d tensors (%.1f MB) to '%s' in %d file(s)", len(weight_map), total_bytes / 1e6, shown(out), n)
     return files
 
 
@@ -257,14 +265,17 @@ def save_state_dict_file(
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
     layout: Layout | None = None,
+    inputs: Iterable[PathLike] = (),
 ) -> Path:
     """Write every ``(name, tensor)`` pair into one ``.safetensors`` file, atomically.
 
     With ``layout`` (the stream's (name, shape, dtype) in order) the header is written first and
     every tensor goes to disk as it arrives (no buffering).
 
-    The file is written under a temporary sibling name and moved into place with ``os.replace``;
-    if the stream raises, the temporary file is removed and ``path`` is untouched. Unlike
+    The file is written inside a temporary sibling folder and moved into place with ``os.replace``
+    (:func:`~lightning_merge.targets.atomic.atomic_output_file`: the checks, lock and clean-up of
+    killed runs); if the stream raises, the temporary file is removed and ``path`` is untouched.
+    ``inputs`` are paths the output must not be, contain or lie inside. Unlike
     :func:`save_safetensors_shards` this holds every tensor until the file is written (memory ~
     the model); use shards for large models.
     """
@@ -272,15 +283,9 @@ def save_state_dict_file(
     if out.suffix != ".safetensors":
         raise ConfigError(f"'{out}': a state-dict file must end with .safetensors (the sources and "
                           "transformers pick the reader by suffix); rename the output path")
-    if out.is_dir():
-        raise OutputExistsError(f"'{out}' is a directory; give a file path, "
-                                "or use save_hf_folder to write a folder")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output '{out}' already exists; choose another path or pass overwrite=True")
     meta = _check_metadata(metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
-    try:
+    expected = None if layout is None else sum(_nbytes_of(shape, dtype) for _, shape, dtype in layout)
+    with atomic_output_file(out, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
         if layout is not None:
             entries = _plan_shards(layout, 1 << 62)
             if not entries:
@@ -290,27 +295,18 @@ def save_state_dict_file(
             extra = next(stream, None)
             if extra is not None:
                 raise MergeError(f"the tensor stream gave '{extra[0]}', which the output layout does not list")
-            tensors = ()
-        collected: dict[str, Tensor] = {}
-        names: set[str] = set()
-        for name, raw in tensors:
-            t = _prepare(name, raw, names)
-            collected[name] = _unshare(collected, t)
-        if layout is None:
+        else:
+            collected: dict[str, Tensor] = {}
+            names: set[str] = set()
+            for name, raw in tensors:
+                t = _prepare(name, raw, names)
+                collected[name] = _unshare(collected, t)
             if not collected:
                 raise MergeError(f"the tensor stream for '{out}' was empty: nothing to save; "
                                  "check that the merge plan selects at least one tensor")
-            save_file(collected, str(tmp), metadata=meta)
+            with writes(tmp):
+                save_file(collected, str(tmp), metadata=meta)
             del collected
             _fsync_file(tmp)
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"output '{out}' appeared while the merge was being written; "
-                                    "the result was discarded. Choose another path or pass overwrite=True")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(out.parent)
-    log.info("wrote '%s'", out)
+    log.debug("wrote '%s'", out)
     return out

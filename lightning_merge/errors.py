@@ -19,7 +19,7 @@ class IncompatibleTensorError(SourceError):
     """Tensors that should merge elementwise do not match (shape, architecture, NaN/Inf)."""
 
 
-class OutputError(MergeError):
+class OutputError(ConfigError):
     """The output cannot be written there: it is an input, its location is not writable, the disk is
     full, another run is writing it, or a write failed midway (the partial output is removed)."""
 

@@ -299,3 +299,18 @@ def test_causal_lm_with_tied_embeddings(tmp_path):
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                vocab_size=64, max_position_embeddings=64)
+
+
+def test_export_refuses_to_touch_an_input_and_appears_whole(zoo, tmp_path):
+    from lightning_merge.errors import OutputError
+
+    m = LearnedMerge(zoo["base"], experts(zoo), granularity="task", objective="entropy")
+    for target in (zoo["base"], zoo["e0"], Path(zoo["lora"]) / "sub", Path(zoo["e1"]).parent):
+        before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(zoo["e0"]).rglob("*"))
+        with pytest.raises(OutputError, match="would destroy the input"):
+            m.export(target, overwrite=True)
+        assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(zoo["e0"]).rglob("*")) == before
+    out = m.export(tmp_path / "merged")  # model, coefficients and plot appear in one rename
+    assert {"learned_coefficients.json", "learned_coefficients.safetensors", "config.json"} <= {
+        p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -360,3 +360,12 @@ def test_truncated_input_file_is_an_error_not_a_crash(work):
     with pytest.raises(SourceError, match="changed on disk while it was being merged"):
         merge_models(work / "base", [work / "e0", work / "e1"], Ties(), out=work / "merged", tensor_params=params)
     assert leftovers(work, "merged") == [] and not (work / "merged").exists()
+
+
+def test_a_held_output_lock_stops_a_second_run_at_once(work, capsys):
+    out = work / "merged"
+    with atomic.output_lock(out):  # as another process writing OUT right now would hold it
+        code, _, err = run(capsys, str(work / "cfg.yml"), str(out))
+    [line] = error_lines(err)
+    assert code == 2 and f"is writing '{out}' right now" in line and f"pid {os.getpid()}" in line
+    assert not out.exists() and leftovers(work, "merged") == []

@@ -102,7 +102,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise MergeError(f"--adapter-rank must be a positive integer, got {args.adapter_rank}")
     recipe = parse_config(args.config)
     donor = recipe.base if recipe.base is not None else recipe.experts[0]
-    preflight.check_output(out, [donor, *recipe.experts], args.overwrite)
+    preflight.check_output(out, [donor, *recipe.experts, args.config], args.overwrite)
     names = _tensor_names(donor) if recipe.tensor_params is not None else []
     log.info("%s: %s (%s) with %d expert(s) %s on base '%s'", args.config, recipe.merge_method,
              type(recipe.method).__name__, len(recipe.experts), recipe.experts, recipe.base)

@@ -369,3 +369,10 @@ def test_a_held_output_lock_stops_a_second_run_at_once(work, capsys):
     [line] = error_lines(err)
     assert code == 2 and f"is writing '{out}' right now" in line and f"pid {os.getpid()}" in line
     assert not out.exists() and leftovers(work, "merged") == []
+
+
+def test_the_config_file_itself_is_protected(work, capsys):
+    before = (work / "cfg.yml").read_text()
+    code, _, err = run(capsys, str(work / "cfg.yml"), str(work / "cfg.yml"), "--overwrite")
+    assert code == 2 and "would destroy the input" in err
+    assert (work / "cfg.yml").read_text() == before

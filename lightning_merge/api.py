@@ -61,7 +61,10 @@ def merge_models(
         out: None -> return a state dict; an ``nn.Module`` -> merge into it in place (its previous
             weights are kept on ``module._lightning_merge_backup``, a
             :class:`~lightning_merge.targets.module.WeightBackup`); a path -> write it atomically
-            in ``out_format``.
+            in ``out_format``. A module sharded with FSDP2 (``fully_shard``: DTensor parameters)
+            is merged shard by shard: call this on every rank of the default process group; each
+            tensor is merged by one rank and each rank receives only its shard
+            (:mod:`lightning_merge.lightning.sharded`).
         out_format: ``"hf"`` (default for folders: sharded safetensors, config and tokenizer
             files copied from the base folder), ``"safetensors"`` (one file; default for a path
             ending in ``.safetensors``) or ``"peft"`` (a LoRA adapter of rank ``adapter_rank``
@@ -116,9 +119,14 @@ def merge_models(
         raise ConfigError(f"out must be None (return a state dict), a path or an nn.Module, got "
                           f"{type(out).__name__}")
     opened: list[Source] = []
+    sharded = isinstance(out, nn.Module) and _is_sharded(out)
     try:
-        if base is None and isinstance(out, nn.Module):
-            base_src: Source | None = ModuleSource(out, label="<module being merged>")
+        if base is None and sharded:
+            from .lightning.sharded import GatheredBase
+
+            base_src: Source | None = GatheredBase(out, ModuleSource(out).keys(), "<sharded module being merged>")
+        elif base is None and isinstance(out, nn.Module):
+            base_src = ModuleSource(out, label="<module being merged>")
         else:
             base_src = None if base is None else _open(base, label=None)
         if base_src is not None:
@@ -135,6 +143,16 @@ def merge_models(
         if out is None:
             result: Any = dict(stream)
             where = "a state dict"
+        elif sharded:
+            from .lightning.ranks import Comm
+            from .lightning.sharded import merge_into_shards
+            from .targets.module import WeightBackup
+
+            names = [t.name for t in plan.tasks]
+            out._lightning_merge_backup = WeightBackup(out, names)  # type: ignore[assignment]
+            merge_into_shards(plan, plan.tasks, out, Comm(), base_src if base is None else None)
+            result = out
+            where = f"the sharded module {type(out).__name__}"
         elif isinstance(out, nn.Module):
             from .targets.module import load_into_module
 
@@ -170,6 +188,10 @@ def merge_models(
              method.name, len(plan.tasks), nbytes / 1e6, where, time.perf_counter() - t0,
              extra={SUMMARY: True})
     return result
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in module.parameters())
 
 
 #: ``extra`` key marking the one summary line a merge logs (the CLI prints its own instead)

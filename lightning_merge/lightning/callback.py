@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ..engine import (
@@ -67,7 +68,8 @@ from ..targets.module import WeightBackup, find_tensor
 from .diagnostics import group_of, method_group_means, sign_conflict
 from .ranks import Comm, PeerFailed, buckets, pack, split_tasks, unpack
 from .resume import peek_callback_state, pending_ckpt_path
-from .targeting import MergeSetupError, check_materialized, find_target
+from .sharded import GatheredBase, merge_into_shards
+from .targeting import MergeSetupError, check_materialized, find_target, shards_after_setup
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,8 @@ class MergeCallback(Callback):
         self._skipped_for: Any = None
         self._backup: WeightBackup | None = None
         self._pending: dict[str, float] | None = None
+        self._module_ref: weakref.ref | None = None  # the module merged into
+        self._deferred: str | None = None  # the stage whose merge waits for the strategy to shard
 
     # ---- configuration
     @staticmethod
@@ -321,57 +325,88 @@ class MergeCallback(Callback):
         if stage not in self.stages:
             return
         if self._merged:
-            log.debug("MergeCallback: already merged; %s does not merge again", stage)
+            merged_into = self._module_ref() if self._module_ref is not None else None
+            if merged_into is None or merged_into is pl_module:
+                log.debug("MergeCallback: already merged; %s does not merge again", stage)
+                return
+            rank_zero_info(f"MergeCallback: merged into another {type(merged_into).__name__} before; this "
+                           f"{type(pl_module).__name__} is a new module, so the experts are merged into it")
+            self._merged, self._backup = False, None
+        if shards_after_setup(trainer):
+            self._deferred = stage  # merged once the strategy has sharded the module (on_*_start)
             return
+        self._merge(trainer, pl_module, sharded=False)
+
+    def _merge_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred is not None and not self._merged:
+            self._deferred = None
+            self._merge(trainer, pl_module, sharded=True)
+
+    def _merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sharded: bool) -> None:
         found, ckpt = pending_ckpt_path(trainer)
         state = None
         if ckpt:
             state = peek_callback_state(ckpt, self.state_key) if trainer.is_global_zero else None
             state = trainer.strategy.broadcast(state, src=0)
         elif not found:
-            log.debug("MergeCallback: the checkpoint path of this Trainer call is unknown at setup; merging")
+            log.debug("MergeCallback: the checkpoint path of this Trainer call is unknown; merging")
         skip = bool(state and state.get("merged") and state.get("config_hash") == self.config_hash)
         comm = Comm(trainer)
         sources: list[Source] = []
         t0 = time.perf_counter()
+        parts: list[dict[str, list[int]]] = []
         try:
             experts = [open_source(e) for e in self.experts]
             sources.extend(experts)
             self.target_name, target = find_target(pl_module, experts[0], self.target)
-            check_materialized(trainer, self.target_name, target)
+            check_materialized(trainer, self.target_name, target, sharded_ok=sharded)
             if self.keep_backup:
                 self._backup = WeightBackup(target, ModuleSource(target).keys())
             if skip:
                 self._merged, self._skipped_for = True, ckpt
+                self._module_ref = weakref.ref(pl_module)
                 if trainer.is_global_zero:
                     log.info("MergeCallback: not merging: %s already holds this merge (config %s); its weights "
                              "are restored next", ckpt, self.config_hash)
                 return
-            plan, tasks = self._plan(trainer, target, experts, sources)
-            shares = split_tasks(tasks, comm.world)
-            mine = shares[comm.rank]
-            if plan.method.statistics_passes > 0:
-                compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
-            results, counts = self._merge_share(plan, mine, target)
-            parts = comm.gather(counts)
+            plan, tasks, gathered = self._plan(trainer, target, experts, sources, sharded)
+            if sharded:
+                merge_into_shards(plan, tasks, target, comm, gathered)
+                shares: list[list[TensorTask]] = []
+                results: dict[str, Tensor] = {}
+            else:
+                shares = split_tasks(tasks, comm.world)
+                mine = shares[comm.rank]
+                if plan.method.statistics_passes > 0:
+                    compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
+                results, counts = self._merge_share(plan, mine, target)
+                parts = comm.gather(counts)
         except PeerFailed as e:
             raise MergeError(f"MergeCallback: the merge failed on rank {e.failed.rank}: {e.failed.message}") from None
         except Exception as e:
-            if comm.on and not skip:
+            if comm.on and not skip and not sharded:
                 comm.fail(f"{type(e).__name__}: {e}")
             raise
         finally:
             for s in sources:
                 s.close()
-        self._write_all(comm, target, shares, results)
+        if not sharded:
+            self._write_all(comm, target, shares, results)
         self._merged = self._merged_in_setup = True
+        self._module_ref = weakref.ref(pl_module)
         self._diagnose(plan, tasks, parts, comm.world, time.perf_counter() - t0, trainer)
 
-    def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source],
-              sources: list[Source]) -> tuple[MergePlan, list[TensorTask]]:
+    def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source], sources: list[Source],
+              sharded: bool = False) -> tuple[MergePlan, list[TensorTask], GatheredBase | None]:
         module_keys = ModuleSource(target).keys()
-        if self.base is None:
-            base: Source = ModuleSource(target, label=f"<{self.target_name or type(target).__name__} at setup>")
+        gathered = None
+        label = f"<{self.target_name or type(target).__name__} before the merge>"
+        if self.base is None and sharded:
+            gathered = GatheredBase(target, module_keys, label)
+            gathered.aliases = ModuleSource(target).aliases
+            base: Source = gathered
+        elif self.base is None:
+            base = ModuleSource(target, label=label)
         else:
             opened = open_source(self.base)
             sources.append(opened)
@@ -401,7 +436,7 @@ class MergeCallback(Callback):
             if trainer.is_global_zero:
                 log.warning("MergeCallback: %d tensors have no counterpart in '%s' and are not merged, e.g. %s",
                             len(absent), self.target_name, absent[:3])
-        return plan, tasks
+        return plan, tasks, gathered
 
     def _merge_share(self, plan: MergePlan, tasks: list[TensorTask],
                      target: nn.Module) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
@@ -467,7 +502,8 @@ class MergeCallback(Callback):
                 if sampled:
                     groups[g]["sign_conflict"] = conflict / sampled
             overall = [sum(v[i] for v in totals.values()) for i in range(4)]
-            m["changed"] = overall[0] / overall[1] if overall[1] else 0.0
+            if overall[1]:  # not counted when merging into shards
+                m["changed"] = overall[0] / overall[1]
             if overall[3]:
                 m["sign_conflict"] = overall[2] / overall[3]
             for g, vals in method_group_means(plan).items():
@@ -497,20 +533,29 @@ class MergeCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
 
+    # a sharding strategy (ModelParallelStrategy) builds and shards the module after setup(): the
+    # merge runs in the first hook after strategy.setup, for the stage that setup() deferred
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge_deferred(trainer, pl_module)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_pending(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge_deferred(trainer, pl_module)
         self._log_pending(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge_deferred(trainer, pl_module)
         self._log_pending(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge_deferred(trainer, pl_module)
         self._log_pending(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._merged_in_setup = False
+        self._deferred = None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(experts={self.experts}, method={self.method.name}, "

@@ -58,17 +58,21 @@ class PeerFailed(Exception):
 class Comm:
     """The default process group, or a one-process stand-in."""
 
-    def __init__(self, trainer: pl.Trainer):
+    def __init__(self, trainer: pl.Trainer | None = None):
         import torch.distributed as dist
 
         self.dist = dist
-        self.on = (dist.is_available() and dist.is_initialized() and trainer.world_size > 1
-                   and dist.get_world_size() > 1)
+        self.on = (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                   and (trainer is None or trainer.world_size > 1))
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
         backend = str(dist.get_backend()) if self.on else ""
         # NCCL moves CUDA tensors only; gloo (CPU) moves CPU tensors
-        self.device = trainer.strategy.root_device if "nccl" in backend else torch.device("cpu")
+        if "nccl" in backend:
+            self.device = trainer.strategy.root_device if trainer is not None else torch.device(
+                "cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
 
     def gather(self, obj: Any) -> list[Any]:
         """``all_gather_object``; raises :class:`PeerFailed` when a rank reported a failure."""

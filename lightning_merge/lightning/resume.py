@@ -20,6 +20,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: the non-tensor part of a distributed checkpoint folder (``ModelParallelStrategy``,
+#: ``save_distributed_checkpoint=True``): it holds the callbacks' states
+DISTRIBUTED_METADATA = "meta.pt"
+
 
 def pending_ckpt_path(trainer: pl.Trainer) -> tuple[bool, Any]:
     """(found, path) of the checkpoint the running Trainer call restores after ``setup``.
@@ -40,10 +44,13 @@ def pending_ckpt_path(trainer: pl.Trainer) -> tuple[bool, Any]:
 
 
 def peek_callback_state(path: Any, key: str) -> dict | None:
-    """``checkpoint["callbacks"][key]`` of a local checkpoint file, without reading tensor data.
+    """``checkpoint["callbacks"][key]`` of a local checkpoint file, or of a distributed checkpoint
+    folder's ``meta.pt``, without reading tensor data.
     None when absent or unreadable (the caller then merges and the restored weights win)."""
     try:
         p = Path(os.fspath(path))
+        if p.is_dir() and (p / DISTRIBUTED_METADATA).is_file():  # a distributed checkpoint folder
+            p = p / DISTRIBUTED_METADATA
         if not p.is_file():
             return None
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)

@@ -71,6 +71,11 @@ def find_target(root: nn.Module, expert: Source, target: str | None) -> tuple[st
         hits = match_count(expert, keys)
         scored.append((name, module, hits, len(keys)))
         best = max(best, hits)
+    if not candidates:
+        raise MergeSetupError(
+            f"MergeCallback: {type(root).__name__} has no parameters or buffers yet, so nothing can take the "
+            f"merge of {expert.label}; build the model in __init__ or in configure_model() (under "
+            "ModelParallelStrategy the merge waits for configure_model()).")
     if best == 0:
         sample = [f"'{n}'" for n, _, _ in candidates[:6]]
         raise MergeSetupError(
@@ -95,8 +100,16 @@ def find_target(root: nn.Module, expert: Source, target: str | None) -> tuple[st
     return name, module
 
 
-def check_materialized(trainer: pl.Trainer, name: str, target: nn.Module) -> None:
-    """Refuse targets that are not plain, full tensors at setup time (naming the strategy)."""
+def shards_after_setup(trainer: pl.Trainer) -> bool:
+    """True for strategies that build and shard the module after ``setup`` with FSDP2
+    (Lightning's ``ModelParallelStrategy``): the merge then runs into the shards, once they exist."""
+    return type(trainer.strategy).__name__ == "ModelParallelStrategy"
+
+
+def check_materialized(trainer: pl.Trainer, name: str, target: nn.Module, sharded_ok: bool = False) -> None:
+    """Refuse targets whose tensors cannot be merged into now (naming the strategy): on the meta
+    device, FSDP1-wrapped, ZeRO-3 partitioned, or DTensors unless ``sharded_ok`` (the sharded
+    route of :mod:`.sharded`, after ``ModelParallelStrategy`` has sharded the module)."""
     strategy = type(trainer.strategy).__name__
     reason = None
     for mod in target.modules():
@@ -109,15 +122,22 @@ def check_materialized(trainer: pl.Trainer, name: str, target: nn.Module) -> Non
                 reason = "on the meta device (not materialized: e.g. Trainer.init_module(empty_init=True))"
             elif hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
                 reason = "partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init)"
-            elif type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+            elif not sharded_ok and (type(t).__name__ == "DTensor"
+                                     or type(getattr(t, "data", None)).__name__ == "DTensor"):
                 reason = "sharded DTensors"
             if reason:
                 break
+    if reason and sharded_ok:
+        raise MergeSetupError(
+            f"MergeCallback cannot merge into '{name or type(target).__name__}' under {strategy}: its "
+            f"parameters are {reason} after the strategy's setup. Materialize them in configure_model() "
+            "(e.g. to_empty() then load or initialize the weights) before the merge runs."
+        )
     if reason:
         raise MergeSetupError(
             f"MergeCallback cannot merge into '{name or type(target).__name__}' under {strategy}: its "
-            f"parameters are {reason} at setup(). The merge runs in setup(), before configure_model() and "
-            "before the strategy shards the model. Create the model, materialized, in the LightningModule's "
-            "__init__, or merge offline with lightning_merge.merge_models(..., out='merged/') and load that "
-            "folder in configure_model()."
+            f"parameters are {reason} at setup(). Under DDP the merge runs in setup(), before configure_model(); "
+            "create the model, materialized, in the LightningModule's __init__, use ModelParallelStrategy "
+            "(FSDP2: the merge then runs into the shards after configure_model()), or merge offline with "
+            "lightning_merge.merge_models(..., out='merged/') and load that folder in configure_model()."
         )

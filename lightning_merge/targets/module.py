@@ -31,8 +31,15 @@ def find_tensor(module: nn.Module, name: str) -> Tensor | None:
         return None
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2, tensor parallelism); a plain tensor as it is."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
 class WeightBackup:
-    """CPU copies of some of a module's tensors, restorable with :meth:`restore`."""
+    """CPU copies of some of a module's tensors, restorable with :meth:`restore`.
+
+    For a sharded module (DTensor parameters) each rank keeps only its own shard, and restores it."""
 
     def __init__(self, module: nn.Module, names: Iterable[str]):
         self.module = module
@@ -40,7 +47,12 @@ class WeightBackup:
         for name in names:
             t = find_tensor(module, name)
             if t is not None:
-                self.saved[name] = t.detach().to("cpu", copy=True)
+                self.saved[name] = _local(t.detach()).to("cpu", copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (this rank's)."""
+        return sum(v.numel() * v.element_size() for v in self.saved.values())
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -48,7 +60,8 @@ class WeightBackup:
         for name, value in self.saved.items():
             t = find_tensor(self.module, name)
             if t is not None:
-                t.copy_(value.to(t.device, t.dtype))
+                local = _local(t)
+                local.copy_(value.to(local.device, local.dtype))
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.saved)

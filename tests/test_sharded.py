@@ -5,6 +5,7 @@ ranks (uneven shards and an empty one). The weights every rank ends with equal a
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,39 @@ def test_every_method_into_shards_equals_one_process(zoo, tmp_path, world):
     held = [torch.load(tmp_path / f"nonempty_rank{r}.pt") for r in range(world)]
     if world == 3:  # the 2-row head leaves the last rank an empty shard; 33 rows split unevenly
         assert held[2]["head.weight"] is False and held[0]["head.weight"] is True
+
+
+def _script(mode: str, zoo: dict[str, str], out: Path, world: int) -> str:
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, str(here / "sharded_fit_script.py"), mode, str(Path(zoo["base"]).parent),
+                          str(out), str(world)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stderr
+
+
+def test_model_parallel_strategy_merges_into_meta_built_shards_then_fits_and_resumes(zoo, tmp_path):
+    """A real Trainer with ModelParallelStrategy on 2 CPU ranks: the module is built on the meta device
+    and sharded in configure_model; the merge lands in the shards (equal to merge_models); the fit
+    trains from it; a resume from the distributed checkpoint folder keeps the trained weights."""
+    from lightning_merge import Ties
+
+    want = merge_models(zoo["base"], [zoo["e0"], zoo["e1"]], Ties(density=0.5), seed=3)
+    _script("validate", zoo, tmp_path, 2)
+    got = load_file(str(tmp_path / "validate_validated.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    _script("fit", zoo, tmp_path, 2)
+    start = load_file(str(tmp_path / "fit_train_start.safetensors"))
+    end = load_file(str(tmp_path / "fit_train_end.safetensors"))
+    assert all(torch.equal(start[k], want[k]) for k in want)
+    assert any(not torch.equal(end[k], start[k]) for k in want)  # it trained
+    assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint folder
+    log = _script("resume", zoo, tmp_path, 2)
+    resumed = load_file(str(tmp_path / "resume_train_start.safetensors"))
+    assert all(torch.equal(resumed[k], end[k]) for k in end)  # the trained weights, not a new merge
+    assert "already holds this merge" in log
+    assert "merged=True" in (tmp_path / "resume_merge_state.txt").read_text()

@@ -575,14 +575,15 @@ def test_dppa_alpha_search_bad_config_errors_at_construction(zoo, kwargs, match)
         DPPAAlphaSearch(experts(zoo), **kwargs)
 
 
-def test_sharding_strategies_are_refused_before_any_search():
-    """FSDP needs GPUs here, so the strategy object is real but the trainer is a stand-in holding it."""
+def test_fsdp1_is_refused_before_any_search():
+    """FSDP1 needs GPUs here, so the strategy object is real but the trainer is a stand-in holding it."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
     from lightning_merge.lightning.search import refuse_sharded
 
-    with pytest.raises(ConfigError, match="FSDPStrategy strategy shards the module"):
+    with pytest.raises(ConfigError, match="FSDPStrategy strategy wraps the module .* use ModelParallelStrategy"):
         refuse_sharded("MergeSearch", SimpleNamespace(strategy=FSDPStrategy()))
     refuse_sharded("MergeSearch", SimpleNamespace(strategy=SingleDeviceStrategy("cpu")))  # accepted
+    refuse_sharded("MergeSearch", SimpleNamespace(strategy=ModelParallelStrategy()))  # FSDP2: accepted

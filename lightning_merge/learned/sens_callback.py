@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from ..engine import MergePlan, TensorTask
 from ..errors import ConfigError
 from ..lightning.callback import MergeCallback
+from ..lightning.targeting import MergeSetupError
 from ..methods.base import MergeMethod, TensorInputs, get_method, register
 from ..sources.base import Source
 from .bank import ExpertBank
@@ -165,16 +166,21 @@ class SensMergeCallback(MergeCallback):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "sens": self.sens, "factors": self.factors_path}
 
-    def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source],
-              sources: list[Source]) -> tuple[MergePlan, list[TensorTask]]:
-        plan, tasks = super()._plan(trainer, target, experts, sources)
+    def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source], sources: list[Source],
+              sharded: bool = False) -> tuple[MergePlan, list[TensorTask], Any]:
+        if sharded and self.factors_path is None:
+            raise MergeSetupError(
+                f"{type(self).__name__}: the sensitivity calibration pass does not run on a sharded (FSDP2) module "
+                "yet; calibrate once with strategy='ddp' or one device (factors_out='factors.json'), then merge "
+                "under ModelParallelStrategy with factors='factors.json'")
+        plan, tasks, gathered = super()._plan(trainer, target, experts, sources, sharded)
         if self.factors_path is None:
             self.factors = self._calibrate(trainer, target, plan)
             if self.factors_out and trainer.is_global_zero:
                 self.factors.save(self.factors_out)
         assert self.factors is not None
         plan.tensor_params = self.factors.scaled(plan.weights)
-        return plan, tasks
+        return plan, tasks, gathered
 
     def _calibrate(self, trainer: pl.Trainer, target: nn.Module, plan: MergePlan) -> SensFactors:
         who = type(self).__name__

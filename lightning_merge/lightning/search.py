@@ -40,7 +40,9 @@ search again either.
 
 Ranks: every rank evaluates the same candidates (merges are deterministic per seed and do not
 depend on the rank); the score is the one Lightning reduces across ranks when the module logs
-with ``sync_dist`` / torchmetrics. Not supported: FSDP / DeepSpeed sharded models.
+with ``sync_dist`` / torchmetrics. Under ``ModelParallelStrategy`` (FSDP2) each rank caches and
+merges only its share of the tensors and receives its shards of the others'
+(:func:`~.search_cache.cache_sharded_inputs`); FSDP1 and DeepSpeed are refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -60,17 +62,19 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from ..engine import MergePlan, build_plan, run_plan
+from ..engine import MergePlan, build_plan, compute_statistics, run_plan
 from ..errors import ConfigError, MergeError
 from ..methods.base import MergeMethod, check_weights, get_method
 from ..sources.base import Source
 from ..sources.identity import identified
 from ..sources.resolve import open_source
 from ..targets.module import find_tensor, load_into_module
-from .search_cache import SearchInputs, Store, cache_inputs, module_device
+from .ranks import Comm
+from .search_cache import SearchInputs, Store, cache_inputs, cache_sharded_inputs, module_device
 from .search_log import log_rows, write_csv
 from .search_loop import PrivateValidationLoop, rearm_evaluation_loop
 from .search_space import expand_grid, sample_space
+from .sharded import is_sharded, scatter_rounds
 from .targeting import find_target
 
 log = logging.getLogger(__name__)
@@ -104,13 +108,13 @@ def build_candidate(cand: Any, n_experts: int, what: str,
 
 
 def refuse_sharded(name: str, trainer: pl.Trainer) -> None:
-    """A search re-merges candidates into the live (already wrapped) module: with FSDP / DeepSpeed /
-    model-parallel strategies its parameters are shards, so refuse at ``setup``, before any work."""
+    """FSDP1 and DeepSpeed wrap the module in ways a search cannot write into: refuse them at
+    ``setup``, before any work. ``ModelParallelStrategy`` (FSDP2, DTensor shards) is supported."""
     strategy = type(trainer.strategy).__name__
-    if any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ConfigError(f"{name}: the {strategy} strategy shards the module, and a merge search writes whole "
-                          "tensors into it; search with strategy='ddp' (or one device), then train the chosen merge "
-                          "with a MergeCallback under FSDP")
+    if any(s in strategy for s in ("FSDP", "DeepSpeed")):
+        raise ConfigError(f"{name}: the {strategy} strategy wraps the module in a way a merge search cannot write "
+                          "into; use ModelParallelStrategy (FSDP2, fully_shard in configure_model), "
+                          "strategy='ddp' or one device")
 
 
 class BaseMergeSearch(Callback):
@@ -168,6 +172,7 @@ class BaseMergeSearch(Callback):
         self.target_name: str | None = None
         self.csv_written: str | None = None
         self._searching = False
+        self._trainer: pl.Trainer | None = None
 
     # ---- what a subclass provides
     def _proposals(self) -> Generator[Proposal, float, None]:
@@ -274,8 +279,13 @@ class BaseMergeSearch(Callback):
             if base is not None:
                 opened.append(base)
             device = module_device(target) if self.cache_device == "module" else "cpu"
-            inputs = cache_inputs(target, opened[:len(self.experts)], base=base, store=self._store(),
-                                  device=device, label=f"<{self.target_name or 'module'} before the search>")
+            label = f"<{self.target_name or 'module'} before the search>"
+            if is_sharded(target):
+                inputs = cache_sharded_inputs(target, opened[:len(self.experts)], Comm(self._trainer), base=base,
+                                              store=self._store(), device=device, label=label)
+            else:
+                inputs = cache_inputs(target, opened[:len(self.experts)], base=base, store=self._store(),
+                                      device=device, label=label)
         finally:
             for src in opened:
                 src.close()
@@ -286,10 +296,17 @@ class BaseMergeSearch(Callback):
     def _merge(self, candidate: dict[str, Any], target: nn.Module, inputs: SearchInputs) -> None:
         method, weights = self._method(candidate)
         plan = self._plan(method, weights, inputs)
+        if inputs.shares is not None:  # sharded: this rank merges its share, every rank gets its boxes
+            assert inputs.comm is not None
+            if plan.method.statistics_passes > 0 and plan.stats is None:
+                compute_statistics(plan, gather=inputs.comm.gather if inputs.comm.on else None)
+            scatter_rounds(plan, inputs.shares, target, inputs.comm)
+            return
         names = [t.name for t in plan.tasks if find_tensor(target, t.name) is not None]
         load_into_module(target, dict(run_plan(plan, names, progress=False)), keep_backup=False)
 
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
         if self.searched:
             log.info("%s: already searched (best %s); not searching again", type(self).__name__, self.best)
             return

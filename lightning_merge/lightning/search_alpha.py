@@ -252,8 +252,9 @@ class DPPAAlphaSearch(BaseMergeSearch):
 
     def _plan(self, method: MergeMethod, weights: list[float] | None, inputs: SearchInputs) -> MergePlan:
         plan = build_plan(inputs.base, inputs.experts, method, weights=weights, seed=self.seed, device=inputs.device)
-        if self._stats is None:
-            self._stats = compute_statistics(plan)
+        if self._stats is None:  # sharded: each rank observes its share, the statistics are combined
+            comm = inputs.comm
+            self._stats = compute_statistics(plan, gather=comm.gather if comm is not None and comm.on else None)
         plan.stats = self._stats
         return plan
 

@@ -18,6 +18,13 @@ changes) stay absent, so each candidate sees exactly the experts the engine woul
 Everything lives on ``device``: ``cpu``, or the target's device (``cache_device="module"``), where
 the candidates are then merged too. Memory: the base once (target dtype, plus a CPU copy to
 restore the target from) and one float32 copy per expert (``store="delta"``).
+
+Sharded targets (FSDP2, :func:`cache_sharded_inputs`): the tensors are dealt into one share per
+rank (:func:`~.ranks.split_tasks`); each rank caches the full base and the experts' task vectors
+of *its share only*, and keeps the backup of its own shard. Per rank, with P the model's
+parameter bytes in float32, E the experts and W the ranks: about (E + 1)·P/W for the cache plus
+the shard's backup. Each candidate is then merged share by share and scattered into the shards
+(:func:`~.sharded.scatter_rounds`).
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..engine import build_plan, load_inputs
+from ..engine import TensorTask, build_plan, load_inputs
 from ..methods.linear import TaskArithmetic
 from ..sources.base import ModuleSource, Source, StateDictSource, align
-from ..targets.module import WeightBackup
+from ..targets.module import WeightBackup, find_tensor
+from .ranks import Comm, split_tasks
 
-__all__ = ["SearchInputs", "cache_inputs", "module_device"]
+__all__ = ["SearchInputs", "cache_inputs", "cache_sharded_inputs", "module_device"]
 
 Store = Literal["delta", "full"]
 
@@ -48,6 +56,9 @@ class SearchInputs:
     backup: WeightBackup
     device: torch.device
     store: Store
+    #: sharded targets: the tensors each rank caches and merges (None: not sharded)
+    shares: list[list[TensorTask]] | None = None
+    comm: Comm | None = None
 
     def nbytes(self) -> int:
         """Bytes held by the expert cache (the base and the backup not counted)."""
@@ -114,4 +125,51 @@ def cache_inputs(
         base=StateDictSource(on_device, label=base_src.label),
         experts=[StateDictSource(c, label=e.label, kind=k) for c, e, k in zip(cached, experts, kinds)],
         backup=backup, device=device, store=store,
+    )
+
+
+def cache_sharded_inputs(
+    target: nn.Module,
+    experts: Sequence[Source],
+    comm: Comm,
+    *,
+    base: Source | None = None,
+    store: Store = "delta",
+    device: torch.device | str = "cpu",
+    label: str = "<module before the search>",
+) -> SearchInputs:
+    """:func:`cache_inputs` for a sharded ``target``: every rank caches only its share of the
+    tensors, full (see the module doc); ``base=None`` gathers the share's base from the shards."""
+    from .sharded import GatheredBase, gather_share
+
+    device = torch.device(device)
+    keys = ModuleSource(target).keys()
+    backup = WeightBackup(target, keys)  # this rank's shard only
+    gathered = GatheredBase(target, keys, label) if base is None else None
+    base_src: Source = gathered if gathered is not None else align(base, keys)  # type: ignore[arg-type]
+    plan = build_plan(base_src, list(experts), TaskArithmetic(), device=device)
+    tasks = [t for t in plan.tasks if t.action == "merge" and t.experts and base_src.dtype(t.name).is_floating_point
+             and find_tensor(target, t.name) is not None]
+    shares = split_tasks(tasks, comm.world)
+    mine = shares[comm.rank]
+    if gathered is not None:
+        gathered.full = gather_share(comm, target, shares)
+    base_cpu = {t.name: base_src.get(t.name).detach().to("cpu", copy=True) for t in mine}
+    cached: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+    kinds = ["delta" if store == "delta" else e.kind for e in experts]
+    for task in mine:
+        if store == "delta":
+            inputs = load_inputs(plan, task)
+            for i, delta in zip(task.experts, inputs.tensors):
+                cached[i][task.name] = delta
+        else:
+            for i in task.experts:
+                cached[i][task.name] = plan.experts[i].get(task.name).detach().to(device, copy=True)
+    if gathered is not None:
+        gathered.full.clear()
+    on_device = base_cpu if device.type == "cpu" else {k: v.to(device) for k, v in base_cpu.items()}
+    return SearchInputs(
+        base=StateDictSource(on_device, label=base_src.label),
+        experts=[StateDictSource(c, label=e.label, kind=k) for c, e, k in zip(cached, experts, kinds)],
+        backup=backup, device=device, store=store, shares=shares, comm=comm,
     )

@@ -43,7 +43,7 @@ from .ranks import Comm, _Failed, split_tasks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GatheredBase", "is_sharded", "local_box", "merge_into_shards"]
+__all__ = ["GatheredBase", "gather_share", "is_sharded", "local_box", "merge_into_shards", "scatter_rounds"]
 
 Box = tuple[slice, ...]
 
@@ -195,32 +195,30 @@ def _exchange(comm: Comm, target: nn.Module, round_tasks: Sequence[tuple[int, Te
 
 
 
-def merge_into_shards(plan: MergePlan, tasks: Sequence[TensorTask], target: nn.Module, comm: Comm,
-                      gathered: GatheredBase | None) -> dict[str, int]:
-    """Merge ``tasks`` of ``plan`` into the sharded ``target`` in place (see the module doc).
-
-    ``gathered``: the plan's base when the base is the module itself (its share is collected
-    first). Returns per-rank counts {"entries": merged entries this rank wrote}."""
-    shares = split_tasks(tasks, comm.world)
+def gather_share(comm: Comm, target: nn.Module, shares: Sequence[Sequence[TensorTask]]) -> dict[str, Tensor]:
+    """The full tensors of this rank's share, collected from every rank's shard of the module
+    (CPU, the module's dtype), in rounds like the merge's."""
     rounds = max((len(s) for s in shares), default=0)
     mine = shares[comm.rank]
+    full: dict[str, Tensor] = {}
+    for k in range(rounds):
+        got = _exchange(comm, target, [(o, s[k]) for o, s in enumerate(shares) if k < len(s)], None, gather=True)
+        if k < len(mine):
+            full[mine[k].name] = got
+    return full
 
-    def round_of(k: int) -> list[tuple[int, TensorTask]]:
-        return [(o, s[k]) for o, s in enumerate(shares) if k < len(s)]
 
-    if gathered is not None:
-        for k in range(rounds):
-            full = _exchange(comm, target, round_of(k), None, gather=True)
-            if k < len(mine):
-                gathered.full[mine[k].name] = full
-    if plan.method.statistics_passes > 0:
-        compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
-    written = 0
+def scatter_rounds(plan: MergePlan, shares: Sequence[Sequence[TensorTask]], target: nn.Module, comm: Comm,
+                   gathered: GatheredBase | None = None) -> None:
+    """Merge this rank's share of ``shares`` with ``plan`` (which must hold those tensors), one
+    tensor a round, and write every rank's boxes of every merged tensor into the shards."""
+    rounds = max((len(s) for s in shares), default=0)
+    mine = shares[comm.rank]
     for k in range(rounds):
         merged, failure = None, None
         if k < len(mine):
             try:
-                merged = merge_task(plan, mine[k])
+                merged = merge_task(plan, plan.task(mine[k].name))
             except Exception as e:  # reported to every rank before anyone waits in a receive
                 failure = _Failed(comm.rank, f"{type(e).__name__}: {e}")
                 if not comm.on:
@@ -229,12 +227,20 @@ def merge_into_shards(plan: MergePlan, tasks: Sequence[TensorTask], target: nn.M
                 gathered.full.pop(mine[k].name, None)
         if comm.on:
             _check_round(comm, failure)
-        _exchange(comm, target, round_of(k), merged, gather=False)
-        for _, task in round_of(k):
-            box = _boxes(find_tensor(target, task.name), comm.world)[comm.rank]
-            if box is not None:
-                n = 1
-                for s in box:
-                    n *= s.stop - s.start
-                written += n
-    return {"entries": written}
+        _exchange(comm, target, [(o, s[k]) for o, s in enumerate(shares) if k < len(s)], merged, gather=False)
+
+
+def merge_into_shards(plan: MergePlan, tasks: Sequence[TensorTask], target: nn.Module, comm: Comm,
+                      gathered: GatheredBase | None) -> list[list[TensorTask]]:
+    """Merge ``tasks`` of ``plan`` into the sharded ``target`` in place (see the module doc).
+
+    ``gathered``: the plan's base when the base is the module itself (its share is collected
+    first). Returns the shares (the tensors each rank merged)."""
+    shares = split_tasks(tasks, comm.world)
+    mine = shares[comm.rank]
+    if gathered is not None:
+        gathered.full = gather_share(comm, target, shares)
+    if plan.method.statistics_passes > 0:
+        compute_statistics(plan, names=[t.name for t in mine], gather=comm.gather if comm.on else None)
+    scatter_rounds(plan, shares, target, comm, gathered)
+    return shares

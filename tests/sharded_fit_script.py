@@ -1,7 +1,7 @@
 """A real ``Trainer(strategy=ModelParallelStrategy(...))`` run on CPU (gloo) with a MergeCallback
 into an FSDP2 module built on the meta device in ``configure_model``. Run as a script: Lightning's
 launcher starts the other ranks by running it again. Usage:
-``python sharded_fit_script.py MODE ZOO_DIR OUT_DIR WORLD`` with MODE validate | fit | resume."""
+``python sharded_fit_script.py MODE ZOO_DIR OUT_DIR WORLD`` with MODE validate | fit | resume | search."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ from safetensors.torch import load_file, save_file
 from sharded_workers import Net, full_state
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge import MergeCallback, Ties
+from lightning_merge import MergeCallback, MergeSearch, Ties
+
+#: the search's candidates (the test merges each the same way in one process)
+CANDIDATES = [{"method": "ties", "density": 0.5}, {"method": "task_arithmetic", "lambda": 0.3},
+              {"method": "dare_ties", "density": 0.5}, {"method": "della", "density": 0.6},
+              {"method": "adaptive_rms"}]
 
 
 class Sharded(L.LightningModule):
@@ -83,21 +88,31 @@ def main(mode: str, zoo: Path, out: Path, world: int) -> None:
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 50, (48, 5), generator=gen), torch.randint(0, 2, (48,), generator=gen))
     loader = DataLoader(data, batch_size=8)
-    merge = MergeCallback(experts=[str(zoo / "e0.safetensors"), str(zoo / "e1.safetensors")],
-                          method=Ties(density=0.5), target="net", seed=3)
+    experts = [str(zoo / "e0.safetensors"), str(zoo / "e1.safetensors")]
+    if mode == "search":
+        merge = MergeSearch(experts=experts, candidates=CANDIDATES, monitor="val_loss", mode="min", target="net",
+                            seed=3, csv_path=str(out / f"search_{world}.csv"))
+    else:
+        merge = MergeCallback(experts=experts, method=Ties(density=0.5), target="net", seed=3)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_last=True)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=ModelParallelStrategy(data_parallel_size=world,
                                                                                              tensor_parallel_size=1),
-                        callbacks=[merge, ckpt, Dump(out, mode)], max_steps=3 if mode == "fit" else 6,
-                        logger=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=2)
+                        callbacks=[merge, ckpt, Dump(out, f"{mode}{world}" if mode == "search" else mode)],
+                        max_steps={"fit": 3, "search": 2}.get(mode, 6), logger=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, limit_val_batches=1.0 if mode == "search" else 2)
     module = Sharded(str(zoo / "base.safetensors"))
     if mode == "validate":
         trainer.validate(module, dataloaders=loader)
-    elif mode == "fit":
+    elif mode in ("fit", "search"):
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     else:
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=str(out / "ckpt" / "last.ckpt"))
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and mode == "search":
+        import json
+
+        (out / f"search{world}.json").write_text(json.dumps({"best_index": merge.best_index, "scores": [
+            r["score"] for r in merge.results]}))
+    elif trainer.is_global_zero:
         (out / f"{mode}_merge_state.txt").write_text(f"merged={merge.merged} skipped_for={merge._skipped_for}\n")
 
 

@@ -85,3 +85,24 @@ def test_model_parallel_strategy_merges_into_meta_built_shards_then_fits_and_res
     assert all(torch.equal(resumed[k], end[k]) for k in end)  # the trained weights, not a new merge
     assert "already holds this merge" in log
     assert "merged=True" in (tmp_path / "resume_merge_state.txt").read_text()
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_merge_search_under_model_parallel_strategy_chooses_as_one_process(zoo, tmp_path, world):
+    """MergeSearch under ModelParallelStrategy (module built on the meta device in configure_model): the
+    same candidate wins as in a 1-rank run, the scores agree to float32 reduction order, and the fit
+    starts from the chosen merge, equal to merge_models of it."""
+    import json
+
+    from sharded_fit_script import CANDIDATES
+
+    for w in (1, world):
+        _script("search", zoo, tmp_path, w)
+    one, many = (json.loads((tmp_path / f"search{w}.json").read_text()) for w in (1, world))
+    assert many["best_index"] == one["best_index"]
+    assert many["scores"] == pytest.approx(one["scores"], rel=1e-5)  # the loss mean, reduced over ranks
+    assert len(set(one["scores"])) == len(CANDIDATES)  # the candidates really differ
+    best = dict(CANDIDATES[one["best_index"]])
+    want = merge_models(zoo["base"], [zoo["e0"], zoo["e1"]], get_method(best.pop("method"), **best), seed=3)
+    got = load_file(str(tmp_path / f"search{world}_train_start.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)

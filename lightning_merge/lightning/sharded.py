@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..engine import MergePlan, TensorTask, compute_statistics, merge_task
 from ..errors import MergeError
 from ..sources.base import Source
-from ..targets.module import find_tensor
+from ..targets.module import find_tensor, reshard
 from .ranks import Comm, _Failed, split_tasks
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def _exchange(comm: Comm, target: nn.Module, round_tasks: Sequence[tuple[int, Te
 def gather_share(comm: Comm, target: nn.Module, shares: Sequence[Sequence[TensorTask]]) -> dict[str, Tensor]:
     """The full tensors of this rank's share, collected from every rank's shard of the module
     (CPU, the module's dtype), in rounds like the merge's."""
+    reshard(target)
     rounds = max((len(s) for s in shares), default=0)
     mine = shares[comm.rank]
     full: dict[str, Tensor] = {}
@@ -212,6 +213,7 @@ def scatter_rounds(plan: MergePlan, shares: Sequence[Sequence[TensorTask]], targ
                    gathered: GatheredBase | None = None) -> None:
     """Merge this rank's share of ``shares`` with ``plan`` (which must hold those tensors), one
     tensor a round, and write every rank's boxes of every merged tensor into the shards."""
+    reshard(target)
     rounds = max((len(s) for s in shares), default=0)
     mine = shares[comm.rank]
     for k in range(rounds):

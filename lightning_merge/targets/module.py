@@ -31,6 +31,19 @@ def find_tensor(module: nn.Module, name: str) -> Tensor | None:
         return None
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 submodule of ``module`` back into its sharded state (after a forward without
+    backward, e.g. a validation epoch, the root keeps its parameters unsharded), so that the
+    registered parameters are the DTensor shards that merges read and write."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (FSDP2, tensor parallelism); a plain tensor as it is."""
     return t.to_local() if type(t).__name__ == "DTensor" else t
@@ -44,6 +57,7 @@ class WeightBackup:
     def __init__(self, module: nn.Module, names: Iterable[str]):
         self.module = module
         self.saved: dict[str, Tensor] = {}
+        reshard(module)
         for name in names:
             t = find_tensor(module, name)
             if t is not None:
@@ -57,6 +71,7 @@ class WeightBackup:
     @torch.no_grad()
     def restore(self) -> None:
         """Put the saved values back (in place, so optimizers and tied weights stay valid)."""
+        reshard(self.module)
         for name, value in self.saved.items():
             t = find_tensor(self.module, name)
             if t is not None:

@@ -435,3 +435,19 @@ def test_ddp_failure_on_one_rank_fails_every_rank(zoo, tmp_path):
     t = trainer(tmp_path, [cb], devices=2, strategy="ddp_spawn")
     with pytest.raises(Exception, match="NaN"):
         t.validate(LitLM(), loader())
+
+
+def test_a_fresh_module_given_to_a_callback_that_merged_is_merged_too(zoo, tmp_path, caplog):
+    import logging
+
+    cb = MergeCallback(experts(zoo), DareTies(density=0.3), seed=2)
+    first = LitLM()
+    trainer(tmp_path, [cb]).validate(first, loader())
+    merged_first = state(first.model)
+    trainer(tmp_path, [cb]).validate(first, loader())  # the same module: not merged twice
+    assert_same(state(first.model), merged_first)
+    fresh = LitLM()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [cb]).validate(fresh, loader())
+    assert_same(state(fresh.model), merged_first)  # merged, never silently left as the base
+    assert "is a new module, so the experts are merged into it" in caplog.text

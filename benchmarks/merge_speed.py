@@ -61,6 +61,7 @@ def make_models(size: str) -> Path:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     sd = {k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}
+    DATA.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=DATA))
     for j in range(4):
         name = "base" if j == 0 else f"expert{j}"

@@ -3,13 +3,17 @@
 When it runs. Lightning 2.6 ``Trainer._run`` calls, in this order: callback and module ``setup``
 -> ``configure_model`` -> restore the module and the callbacks from ``ckpt_path`` (after the
 strategy's setup instead when ``strategy.restore_checkpoint_after_setup``: FSDP, DeepSpeed,
-ModelParallel) -> ``strategy.setup`` (moves and wraps the model) -> ``on_fit_start``. The merge runs
-in :meth:`MergeCallback.setup`, on the unwrapped CPU module, so
-
-* weights restored from a checkpoint always replace merged weights (restoring comes later);
-* DDP wraps an already merged model; FSDP / DeepSpeed shard it afterwards. A model that does not
-  exist yet or is not materialized at ``setup`` (created in ``configure_model``, on the meta
-  device, ZeRO-3 partitioned, DTensor-sharded) is refused with :class:`MergeSetupError`.
+ModelParallel) -> ``strategy.setup`` (moves and wraps the model) -> ``on_fit_start``. Under DDP
+and one device the merge runs in :meth:`MergeCallback.setup`, on the unwrapped module, so weights
+restored from a checkpoint always replace merged weights (restoring comes later) and DDP wraps an
+already merged model. Under ``ModelParallelStrategy`` (FSDP2) the module is built and sharded in
+``configure_model`` / ``strategy.setup``, so the merge waits for the first hook after them
+(``on_fit_start``, or ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``) and goes
+into the shards (:mod:`.sharded`: no rank holds the whole model); a checkpoint holding this merge
+(a file, or a distributed checkpoint folder's ``meta.pt``) skips it, and its weights are restored
+next. FSDP1 and DeepSpeed modules, and modules still on the meta device when the merge runs, are
+refused with :class:`MergeSetupError`. A callback that merged one module and is given another
+merges the new one (with a message); the same module is never merged twice.
 
 Resume. The checkpoint path of the running call is a local variable of ``Trainer._run`` at
 ``setup`` time: ``trainer.ckpt_path`` is only set later (``_CheckpointConnector.resume_start``),

@@ -56,22 +56,24 @@ def make_zoo(root: Path, n_experts: int = 2) -> dict[str, str]:
     return out
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, port: int, device: str = "cpu") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
 
 
-def sharded_net(world: int) -> Net:
+def sharded_net(world: int, device: str = "cpu") -> Net:
     """The base network, sharded with FSDP2 over all ranks (each block, then the root)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    net = Net()
-    mesh = init_device_mesh("cpu", (world,))
+    net = Net().to(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    mesh = init_device_mesh(device, (world,))
     for block in net.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(net, mesh=mesh)
@@ -87,7 +89,8 @@ def full_state(net: nn.Module) -> dict[str, torch.Tensor] | None:
     return {k: v.clone() for k, v in sd.items()} if dist.get_rank() == 0 else None
 
 
-def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods: list[str], out: str) -> None:
+def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods: list[str], out: str,
+                  device: str = "cpu") -> None:
     """Merge every method into the sharded network (base: the module itself, and once a file);
     rank 0 saves each merged full state, the restored one, and every rank's shard sizes."""
     import torch.distributed as dist
@@ -96,19 +99,19 @@ def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods
     from lightning_merge import get_method, merge_models
     from lightning_merge.lightning.sharded import local_box
 
-    _init(rank, world, port)
+    _init(rank, world, port, device)
     try:
-        net = sharded_net(world)
+        net = sharded_net(world, device)
         experts = [zoo["e0"], zoo["e1"]]
         sizes = {n: local_box(p, rank, world) is not None for n, p in net.named_parameters()}
         for name in methods:
             use = experts[:1] if name == "slerp" else experts
-            merge_models(None, use, get_method(name), out=net, seed=7)
+            merge_models(None, use, get_method(name), out=net, seed=7, device=device)
             sd = full_state(net)
             if rank == 0:
                 save_file(sd, f"{out}/{name}.safetensors")
             net._lightning_merge_backup.restore()
-        merge_models(zoo["base"], experts, get_method("ties"), out=net, seed=7)  # the base from a file
+        merge_models(zoo["base"], experts, get_method("ties"), out=net, seed=7, device=device)  # base: a file
         sd = full_state(net)
         net._lightning_merge_backup.restore()
         restored = full_state(net)

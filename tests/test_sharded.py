@@ -106,3 +106,17 @@ def test_merge_search_under_model_parallel_strategy_chooses_as_one_process(zoo, 
     want = merge_models(zoo["base"], [zoo["e0"], zoo["e1"]], get_method(best.pop("method"), **best), seed=3)
     got = load_file(str(tmp_path / f"search{world}_train_start.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs for an NCCL process group (this machine has none); the same route "
+                    "runs on CPU with gloo above")
+def test_every_method_into_cuda_shards_with_nccl_equals_one_process(zoo, tmp_path):
+    mp.spawn(parity_worker, args=(2, free_port(), zoo, METHODS, str(tmp_path), "cuda"), nprocs=2, join=True)
+    for name in METHODS:
+        experts = [zoo["e0"]] if name == "slerp" else [zoo["e0"], zoo["e1"]]
+        want = merge_models(zoo["base"], experts, get_method(name), seed=7, device="cuda")
+        got = load_file(str(tmp_path / f"{name}.safetensors"))
+        for k in want:
+            assert torch.equal(got[k], want[k]), (name, k)

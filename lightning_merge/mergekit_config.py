@@ -120,11 +120,9 @@ Per-model parameters (`weight`, `density`, `epsilon`, `gamma`) become per-expert
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
 import os
-import pkgutil
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +133,8 @@ import torch
 
 from .errors import ConfigError
 from .methods.base import MergeMethod, method_class
+from .methods.registry import MERGEKIT_0_1_5, mergekit_specs
+from .methods.yaml_spec import REQUIRED, MergekitSpec, YamlParam, collapse
 from .yaml_io import load_yaml
 
 log = logging.getLogger(__name__)
@@ -153,152 +153,15 @@ TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "seed", "slices", "modules",
 )
-UNSUPPORTED_MERGEKIT = (
-    "nuslerp", "multislerp", "karcher", "passthrough", "arcee_fusion", "nearswap", "sce", "ram",
-    "ramplus_tl",
-)
-_REQUIRED = object()
+_REQUIRED = REQUIRED
+_Param = YamlParam
+_Spec = MergekitSpec
+_collapse = collapse
 
-
-# --------------------------------------------------------------------------------- mergekit specs
-
-@dataclass(frozen=True)
-class _Param:
-    kind: str  # "float" | "bool"
-    default: Any
-    per_model: bool  # mergekit NON_BASE / INPUT scope; otherwise SHARED (global only)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """A method's YAML parameters (mergekit 0.1.5 defaults) and their translation to our method."""
-
-    name: str
-    params: Mapping[str, _Param]
-    #: "required": base_model is the base; "optional": used as the base when given;
-    #: "input": base_model (if given) is one more averaged input (mergekit's linear)
-    base: str
-    translate: Callable[[dict[str, Any], dict[str, list[Any]], list[str]], tuple[str, dict[str, Any]]]
-    min_experts: int = 1
-    max_experts: int | None = None
-    #: one of our own methods (our parameter names; only the parameters the YAML gives are passed)
-    native: bool = False
-
-
-def _collapse(values: Sequence[Any]) -> Any:
-    """One value per expert -> a scalar when all are equal, else a list."""
-    vals = list(values)
-    return vals[0] if all(v == vals[0] for v in vals) else vals
-
-
-def _gta_params(normalize: bool, rescale: bool, extra: Mapping[str, _Param] | None = None) -> dict:
-    params = {
-        "int8_mask": _Param("bool", False, False),
-        "normalize": _Param("bool", normalize, False),
-        "rescale": _Param("bool", rescale, False),
-        "lambda": _Param("float", 1.0, False),
-        "weight": _Param("float", 1.0, True),  # mergekit: required; we default to 1.0
-        "density": _Param("float", 1.0, True),
-    }
-    params.update(extra or {})
-    return params
-
-
-def _rescale(shared: dict[str, Any]) -> str:
-    return "l1" if shared["rescale"] else "none"
-
-
-def _tr_task_arithmetic(s, pm, notes):
-    if any(d != 1.0 for d in pm["density"]):
-        notes.append("task_arithmetic: 'density' has no effect (mergekit has no sparsifier for "
-                     "task_arithmetic); use ties, dare_linear or breadcrumbs to prune")
-    if s["rescale"]:
-        notes.append("task_arithmetic: 'rescale' has no effect without a sparsifier")
-    return "task_arithmetic", {"lambda_": s["lambda"], "normalize": s["normalize"]}
-
-
-def _tr_ties(s, pm, notes):
-    if s["rescale"]:
-        raise ConfigError(
-            "parameters.rescale: 'rescale: true' for ties (L1 rescaling after the magnitude trim) is not "
-            "supported; remove it (the default is false)"
-        )
-    return "ties", {
-        "density": _collapse(pm["density"]), "normalize": s["normalize"], "lambda_": s["lambda"],
-        "trim_scope": "tensor", "trim_rule": "exact_k", "election": "weighted",
-        "divisor": "weights", "zero_sign": "positive",
-    }
-
-
-def _tr_dare(name):
-    def tr(s, pm, notes):
-        kw = {"density": _collapse(pm["density"]), "rescale": _rescale(s), "normalize": s["normalize"],
-              "lambda_": s["lambda"]}
-        if name == "dare_ties":
-            kw.update(zero_sign="positive", extra_trim_density=None)
-        return name, kw
-    return tr
-
-
-def _tr_breadcrumbs(name):
-    def tr(s, pm, notes):
-        kw = {"density": _collapse(pm["density"]), "gamma": _collapse(pm["gamma"]), "rescale": _rescale(s),
-              "normalize": s["normalize"], "lambda_": s["lambda"]}
-        if name == "breadcrumbs_ties":
-            kw["zero_sign"] = "positive"
-        return name, kw
-    return tr
-
-
-def _tr_della(name):
-    def tr(s, pm, notes):
-        kw = {
-            "density": _collapse(pm["density"]),
-            # mergekit's epsilon is the half-width e of the keep-probability window; ours the full ε = 2e
-            "epsilon": _collapse([2.0 * e for e in pm["epsilon"]]),
-            "rescale": _rescale(s), "normalize": s["normalize"], "lambda_": s["lambda"],
-            "rank_scope": "row", "prob_formula": "code",
-        }
-        if name == "della":
-            kw["zero_sign"] = "positive"
-        return name, kw
-    return tr
-
-
-def _tr_linear(s, pm, notes):
-    return "linear", {"normalize": s["normalize"]}
-
-
-def _tr_slerp(s, pm, notes):
-    return "slerp", {"t": s["t"]}
-
-
-def _tr_model_stock(s, pm, notes):
-    return "model_stock", {"filter_wise": s["filter_wise"]}
-
-
-_BREADCRUMBS_EXTRA = {"gamma": _Param("float", 0.01, True)}
-_DELLA_EXTRA = {"epsilon": _Param("float", 0.15, True)}
-
-MERGEKIT_METHODS: dict[str, _Spec] = {
-    s.name: s
-    for s in (
-        _Spec("linear", {"weight": _Param("float", 1.0, True), "normalize": _Param("bool", True, False)},
-              "input", _tr_linear),
-        _Spec("task_arithmetic", _gta_params(False, False), "required", _tr_task_arithmetic),
-        _Spec("ties", _gta_params(True, False), "required", _tr_ties),
-        _Spec("dare_ties", _gta_params(False, True), "required", _tr_dare("dare_ties")),
-        _Spec("dare_linear", _gta_params(False, True), "required", _tr_dare("dare_linear")),
-        _Spec("breadcrumbs", _gta_params(False, False, _BREADCRUMBS_EXTRA), "required",
-              _tr_breadcrumbs("breadcrumbs")),
-        _Spec("breadcrumbs_ties", _gta_params(False, False, _BREADCRUMBS_EXTRA), "required",
-              _tr_breadcrumbs("breadcrumbs_ties")),
-        _Spec("della", _gta_params(True, True, _DELLA_EXTRA), "required", _tr_della("della")),
-        _Spec("della_linear", _gta_params(False, True, _DELLA_EXTRA), "required", _tr_della("della_linear")),
-        _Spec("slerp", {"t": _Param("float", _REQUIRED, False)}, "required", _tr_slerp, 1, 1),
-        _Spec("model_stock", {"filter_wise": _Param("bool", False, False)}, "required", _tr_model_stock, 2),
-    )
-}
+#: mergekit merge_method -> its spec, for the registered classes that have one
+MERGEKIT_METHODS: dict[str, MergekitSpec] = {name: spec for name, (_, spec) in mergekit_specs().items()}
+#: mergekit 0.1.5's methods that no registered class implements yet
+UNSUPPORTED_MERGEKIT = tuple(n for n in MERGEKIT_0_1_5 if n not in MERGEKIT_METHODS)
 
 
 # ------------------------------------------------------------------------------ setting evaluation
@@ -719,28 +582,18 @@ def _native_spec(cls: type[MergeMethod]) -> _Spec:
 
 
 def _ensure_registered(name: str) -> type[MergeMethod] | None:
-    """Our method class registered as ``name``, importing every methods module on a miss."""
+    """Our method class registered as ``name`` (None when there is none)."""
     try:
         return method_class(name) if name else None
-    except ConfigError:
-        pass
-    from . import methods as _methods
-
-    for info in pkgutil.iter_modules(_methods.__path__):
-        try:
-            importlib.import_module(f"{_methods.__name__}.{info.name}")
-        except Exception as e:  # a broken module must not hide the others
-            log.debug("could not import lightning_merge.methods.%s: %s", info.name, e)
-    try:
-        return method_class(name) if name else None
-    except ConfigError:
+    except ConfigError as e:
+        if "could not be imported" in str(e):
+            raise
         return None
 
 
 def _all_method_names() -> list[str]:
     from .methods.base import method_names
 
-    _ensure_registered("")
     return method_names()
 
 

@@ -30,7 +30,7 @@ from ..engine import MergePlan, TensorTask
 from ..errors import ConfigError
 from ..lightning.callback import MergeCallback
 from ..lightning.targeting import MergeSetupError
-from ..methods.base import MergeMethod, TensorInputs, get_method, register
+from ..methods.base import MergeMethod, TensorInputs, get_method
 from ..sources.base import Source
 from .bank import ExpertBank
 from .sens import CombineMode, GroupBy, SensFactors, SensitivityWeight, compute_sens_factors
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 __all__ = ["SensMergeCallback", "SensScaled"]
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class SensScaled(MergeMethod):
     """``method`` with expert i's weight for a tensor of layer l multiplied by σ_i^l from ``factors``.
@@ -64,8 +63,23 @@ class SensScaled(MergeMethod):
         inner = get_method(self.method, **dict(self.method_params or {}))
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_factors", SensFactors.load(self.factors))
-        for attr in ("space", "requires_base", "allow_negative_weights", "statistics_passes"):
-            object.__setattr__(self, attr, getattr(inner, attr))
+
+    # capabilities are the wrapped method's
+    @property
+    def space(self) -> str:  # type: ignore[override]
+        return self._inner.space
+
+    @property
+    def requires_base(self) -> bool:  # type: ignore[override]
+        return self._inner.requires_base
+
+    @property
+    def allow_negative_weights(self) -> bool:  # type: ignore[override]
+        return self._inner.allow_negative_weights
+
+    @property
+    def statistics_passes(self) -> int:  # type: ignore[override]
+        return self._inner.statistics_passes
 
     def check_experts(self, n_experts: int) -> None:
         self._inner.check_experts(n_experts)

@@ -1,5 +1,6 @@
 """Merge methods: one family per module, registered by name (mergekit's snake_case names)."""
 
+from . import registry  # noqa: E402,F401  (registers the built-in methods)
 from .adaptive_rms import AdaptiveRMS
 from .base import DeltaMethod, MergeMethod, TensorInputs, get_method, method_class, method_names, register
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies

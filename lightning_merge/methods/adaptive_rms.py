@@ -59,7 +59,6 @@ from .base import (
     TensorInputs,
     check_choice,
     check_range,
-    register,
 )
 from .kernels import ZeroSign, bernoulli_keep, elect_and_fuse, topk_mask
 
@@ -260,7 +259,6 @@ class AdaptiveRMSStatistics:
 
 # ----------------------------------------------------------------------------------------- method
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveRMS(DeltaMethod):
     """Adaptive-RMS: per-(expert, layer, role) drop rates from the rms of each delta matrix.
@@ -285,6 +283,7 @@ class AdaptiveRMS(DeltaMethod):
     """
 
     name = "adaptive_rms"
+    reference = "the project's seed 001: adaptive drop rates from delta RMS"
     allow_negative_weights = False
     statistics_passes = 1
     per_expert_params = ("drop_rate",)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .kernels import generator_for
+from .yaml_spec import MergekitSpec
 
 Space = Literal["delta", "weight"]
 PerExpert = float | list[float]
@@ -89,6 +90,11 @@ class MergeMethod:
     """Base class of every merge method (a frozen dataclass of hyperparameters)."""
 
     name: ClassVar[str] = ""
+    #: the paper or source the method follows (shown in the docs tables)
+    reference: ClassVar[str] = ""
+    #: how it is written in a mergekit 0.1.5 YAML (None: no mergekit counterpart; then our own
+    #: parameter names are accepted under ``merge_method: <name>``)
+    mergekit: ClassVar[MergekitSpec | None] = None
     space: ClassVar[Space] = "delta"
     requires_base: ClassVar[bool] = True
     #: False for methods whose sign election or probabilities assume non-negative weights
@@ -164,6 +170,22 @@ class DeltaMethod(MergeMethod):
         return self.combine(inputs).mul_(self.lambda_).add_(inputs.base)
 
 
+def explain(*classes: type[MergeMethod], math: str | None) -> None:
+    """Put a family's math (its module docstring, ``math``) and the attributes each class inherits
+    (``lambda_`` from :class:`DeltaMethod`, a family base's shared ones) into each class docstring,
+    so that ``help(Ties)`` explains every parameter."""
+    import textwrap
+
+    for cls in classes:
+        inherited = [textwrap.dedent(b.__doc__).split("Attributes:", 1)[1].strip("\n")
+                     for b in cls.__mro__[1:]
+                     if issubclass(b, MergeMethod) and b is not MergeMethod and "Attributes:" in (b.__doc__ or "")]
+        parts = [textwrap.dedent(cls.__doc__ or "").strip(), textwrap.dedent(math or "").strip()]
+        if inherited:
+            parts.append("Inherited attributes:\n" + "\n".join(inherited))
+        cls.__doc__ = "\n\n".join(p for p in parts if p) + "\n"
+
+
 # ----------------------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
@@ -171,7 +193,8 @@ M = TypeVar("M", bound=type[MergeMethod])
 
 
 def register(cls: M) -> M:
-    """Class decorator: make a method available to :func:`get_method` under ``cls.name``."""
+    """Make a method available to :func:`get_method` under ``cls.name`` (the built-in methods are
+    listed in :mod:`lightning_merge.methods.registry`; applications register their own with this)."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
@@ -181,12 +204,17 @@ def register(cls: M) -> M:
 
 
 def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every registered method name (including those imported on first use)."""
+    from .registry import LAZY
+
+    return sorted(set(_REGISTRY) | set(LAZY))
 
 
 def method_class(name: str) -> type[MergeMethod]:
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
+    from .registry import load_lazy
+
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _REGISTRY and load_lazy(key) is None:
         raise ConfigError(f"unknown merge method '{name}'; known methods: {', '.join(method_names())}")
     return _REGISTRY[key]
 

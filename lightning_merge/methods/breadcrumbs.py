@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import ZeroSign, elect_and_fuse, norm_rescale, weighted_mean, weighted_sum
+from .yaml_spec import MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
 
 NormRescale = Literal["none", "l1", "l2", "linf"]
 
@@ -95,19 +96,20 @@ class _Breadcrumbs(DeltaMethod):
         ]
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class Breadcrumbs(_Breadcrumbs):
     """Breadcrumbs masks then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ_t w_t with ``normalize``)."""
 
     name = "breadcrumbs"
+    reference = 'Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)'
+    mergekit = MergekitSpec("breadcrumbs", gta_params(False, False, {"gamma": YamlParam("float", 0.01, True)}),
+                            "required", lambda s, pm, n: _from_mergekit("breadcrumbs", s, pm))
 
     def combine(self, inputs: TensorInputs) -> Tensor:
         x = self.pruned(inputs)
         return weighted_mean(x, inputs.weights) if self.normalize else weighted_sum(x, inputs.weights)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class BreadcrumbsTies(_Breadcrumbs):
     """Breadcrumbs masks, then TIES sign election: θ* = θ₀ + λ Σ_t A_t w_t δ̂_t (÷ Σ_t A_t w_t).
@@ -117,6 +119,9 @@ class BreadcrumbsTies(_Breadcrumbs):
     """
 
     name = "breadcrumbs_ties"
+    reference = 'Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)'
+    mergekit = MergekitSpec("breadcrumbs_ties", gta_params(False, False, {"gamma": YamlParam("float", 0.01, True)}),
+                            "required", lambda s, pm, n: _from_mergekit("breadcrumbs_ties", s, pm))
     allow_negative_weights = False
     zero_sign: ZeroSign = "positive"
 
@@ -130,3 +135,14 @@ class BreadcrumbsTies(_Breadcrumbs):
 
 
 __all__ = ["Breadcrumbs", "BreadcrumbsTies", "breadcrumbs_mask", "breadcrumbs_prune"]
+
+
+def _from_mergekit(name, s, pm):
+    kw = {"density": collapse(pm["density"]), "gamma": collapse(pm["gamma"]), "rescale": rescale_mode(s),
+          "normalize": s["normalize"], "lambda_": s["lambda"]}
+    if name == "breadcrumbs_ties":
+        kw["zero_sign"] = "positive"
+    return name, kw
+
+
+explain(Breadcrumbs, BreadcrumbsTies, math=__doc__)

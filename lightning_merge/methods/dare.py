@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import (
     RescaleMode,
     ZeroSign,
@@ -34,6 +34,7 @@ from .kernels import (
     weighted_mean,
     weighted_sum,
 )
+from .yaml_spec import MergekitSpec, collapse, gta_params, rescale_mode
 
 RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
 
@@ -79,12 +80,14 @@ class _Dare(DeltaMethod):
         ]
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class DareLinear(_Dare):
     """DARE then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ w_t when ``normalize``)."""
 
     name = "dare_linear"
+    reference = 'Yu et al. 2024, Language models are Super Mario (DARE, arXiv:2311.03099)'
+    mergekit = MergekitSpec("dare_linear", gta_params(False, True), "required",
+                            lambda s, pm, n: _from_mergekit("dare_linear", s, pm))
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
@@ -92,12 +95,17 @@ class DareLinear(_Dare):
         return weighted_mean(x, inputs.weights) if self.normalize else weighted_sum(x, inputs.weights)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class DareTies(_Dare):
-    """DARE then TIES-style sign election and fuse (see the module docstring)."""
+    """DARE then TIES-style sign election and fuse.
+
+    ``zero_sign``: the elected sign where the weighted sum is 0: ``"positive"`` (mergekit) or
+    ``"majority"`` (the sign of the sum of the elected signs)."""
 
     name = "dare_ties"
+    reference = 'Yu et al. 2024, Language models are Super Mario (DARE, arXiv:2311.03099)'
+    mergekit = MergekitSpec("dare_ties", gta_params(False, True), "required",
+                            lambda s, pm, n: _from_mergekit("dare_ties", s, pm))
     allow_negative_weights = False
     normalize: bool = True
     extra_trim_density: float | None = None
@@ -118,3 +126,14 @@ class DareTies(_Dare):
 
 
 __all__ = ["DareLinear", "DareTies", "dare_drop"]
+
+
+def _from_mergekit(name, s, pm):
+    kw = {"density": collapse(pm["density"]), "rescale": rescale_mode(s), "normalize": s["normalize"],
+          "lambda_": s["lambda"]}
+    if name == "dare_ties":
+        kw.update(zero_sign="positive", extra_trim_density=None)
+    return name, kw
+
+
+explain(DareLinear, DareTies, math=__doc__)

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import (
     RescaleMode,
     ZeroSign,
@@ -63,6 +63,7 @@ from .kernels import (
     weighted_mean,
     weighted_sum,
 )
+from .yaml_spec import MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
 
 RankScope = Literal["row", "layer"]
 ProbFormula = Literal["code", "paper"]
@@ -236,7 +237,6 @@ class _MagPrune(DeltaMethod):
         ]
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class Della(_MagPrune):
     """DELLA: MagPrune → elect γ = sign(Σ w_t δ̂_t) → disjoint mean → θ* = θ₀ + λ Δ.
@@ -247,6 +247,9 @@ class Della(_MagPrune):
     """
 
     name = "della"
+    reference = 'Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)'
+    mergekit = MergekitSpec("della", gta_params(True, True, {"epsilon": YamlParam("float", 0.15, True)}), "required",
+                            lambda s, pm, n: _from_mergekit("della", s, pm))
     allow_negative_weights = False
     normalize: bool = True
     zero_sign: ZeroSign = "positive"
@@ -260,12 +263,14 @@ class Della(_MagPrune):
                               zero_sign=self.zero_sign, consume=True)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class DellaLinear(_MagPrune):
     """MagPrune then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ_t w_t when ``normalize``)."""
 
     name = "della_linear"
+    reference = 'Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)'
+    mergekit = MergekitSpec("della_linear", gta_params(False, True, {"epsilon": YamlParam("float", 0.15, True)}),
+                            "required", lambda s, pm, n: _from_mergekit("della_linear", s, pm))
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
@@ -282,3 +287,19 @@ __all__ = [
     "magprune_apply",
     "magprune_keep_prob",
 ]
+
+
+def _from_mergekit(name, s, pm):
+    kw = {
+        "density": collapse(pm["density"]),
+        # mergekit's epsilon is the half-width e of the keep-probability window; ours the full ε = 2e
+        "epsilon": collapse([2.0 * e for e in pm["epsilon"]]),
+        "rescale": rescale_mode(s), "normalize": s["normalize"], "lambda_": s["lambda"],
+        "rank_scope": "row", "prob_formula": "code",
+    }
+    if name == "della":
+        kw["zero_sign"] = "positive"
+    return name, kw
+
+
+explain(Della, DellaLinear, math=__doc__)

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, MergeError
 from .adaptive_rms import split_block_name
-from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range
 from .kernels import ZeroSign, elect_and_fuse, weighted_sum
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,6 @@ def _pairs(a: PerExpert, b: PerExpert) -> list[tuple[float, float]]:
 
 # ----------------------------------------------------------------------------------------- method
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class DPPA(DeltaMethod):
     """DPPA: dynamic (outlier-weighted) pruning at two sparsities, partition amplification, combine.
@@ -228,6 +227,7 @@ class DPPA(DeltaMethod):
     """
 
     name = "dppa"
+    reference = 'Zhu et al. 2024, DPPA: pruning and amplification (arXiv:2403.02799)'
     statistics_passes = 2
     per_expert_params = ("density_top", "density_band", "alpha_top", "alpha_band")
 

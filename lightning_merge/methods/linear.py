@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import DeltaMethod, MergeMethod, TensorInputs, register
+from .base import DeltaMethod, MergeMethod, TensorInputs
 from .kernels import weighted_mean, weighted_sum
+from .yaml_spec import MergekitSpec, YamlParam, gta_params
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class Linear(MergeMethod):
     """Weighted model soup: θ* = Σ_t w_t θ_t / Σ_t w_t (divisor guard |Σw| < 1e-8 → 1).
@@ -27,6 +27,10 @@ class Linear(MergeMethod):
     """
 
     name = "linear"
+    reference = 'Wortsman et al. 2022, Model soups (arXiv:2203.05482)'
+    mergekit = MergekitSpec("linear", {"weight": YamlParam("float", 1.0, True),
+                                      "normalize": YamlParam("bool", True, False)},
+                            "input", lambda s, pm, notes: ("linear", {"normalize": s["normalize"]}))
     space = "weight"
     requires_base = False
     normalize: bool = True
@@ -40,7 +44,6 @@ class Linear(MergeMethod):
         return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class TaskArithmetic(DeltaMethod):
     """Task arithmetic: θ* = θ₀ + λ Σ_t w_t δ_t (÷ Σ_t w_t when ``normalize``).
@@ -51,8 +54,20 @@ class TaskArithmetic(DeltaMethod):
     """
 
     name = "task_arithmetic"
+    reference = 'Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)'
+    mergekit = MergekitSpec("task_arithmetic", gta_params(False, False), "required",
+                            lambda s, pm, notes: _from_mergekit_ta(s, pm, notes))
     normalize: bool = False
 
     def combine(self, inputs: TensorInputs) -> Tensor:
         x, w = inputs.tensors, inputs.weights
         return weighted_mean(x, w) if self.normalize else weighted_sum(x, w)
+
+
+def _from_mergekit_ta(s, pm, notes):
+    if any(d != 1.0 for d in pm["density"]):
+        notes.append("task_arithmetic: 'density' has no effect (mergekit has no sparsifier for "
+                     "task_arithmetic); use ties, dare_linear or breadcrumbs to prune")
+    if s["rescale"]:
+        notes.append("task_arithmetic: 'rescale' has no effect without a sparsifier")
+    return "task_arithmetic", {"lambda_": s["lambda"], "normalize": s["normalize"]}

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import MergeMethod, TensorInputs, register
+from .base import MergeMethod, TensorInputs
+from .yaml_spec import MergekitSpec, YamlParam
 
 
 def model_stock_ratio(deltas: Tensor) -> Tensor:
@@ -42,7 +43,6 @@ def model_stock_ratio(deltas: Tensor) -> Tensor:
     return torch.where(singular, torch.zeros_like(cos), k * cos / safe)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class ModelStock(MergeMethod):
     """Model Stock: θ* = t · mean(θ_t) + (1 − t) · θ₀ with t from the task vectors' mean cosine.
@@ -52,6 +52,9 @@ class ModelStock(MergeMethod):
     """
 
     name = "model_stock"
+    reference = 'Jang et al. 2024, Model Stock (arXiv:2403.19522)'
+    mergekit = MergekitSpec("model_stock", {"filter_wise": YamlParam("bool", False, False)}, "required",
+                            lambda s, pm, n: ("model_stock", {"filter_wise": s["filter_wise"]}), 2)
     space = "weight"
     filter_wise: bool = False
 

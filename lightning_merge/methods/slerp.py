@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import MergeMethod, TensorInputs, check_range, register
+from .base import MergeMethod, TensorInputs, check_range
+from .yaml_spec import REQUIRED, MergekitSpec, YamlParam
 
 DOT_THRESHOLD = 0.9995
 
@@ -49,7 +50,6 @@ def slerp(
     return (ca * a + cb * b).reshape(v0.shape)
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class Slerp(MergeMethod):
     """SLERP between the base (t = 0) and exactly one expert (t = 1).
@@ -61,6 +61,9 @@ class Slerp(MergeMethod):
     """
 
     name = "slerp"
+    reference = "Shoemake 1985 (spherical interpolation); mergekit's slerp"
+    mergekit = MergekitSpec("slerp", {"t": YamlParam("float", REQUIRED, False)}, "required",
+                            lambda s, pm, n: ("slerp", {"t": s["t"]}), 1, 1)
     space = "weight"
     t: float = 0.5
     dot_threshold: float = DOT_THRESHOLD

@@ -29,18 +29,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, register
+from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import ZeroSign, abs_bits, elect_and_fuse, threshold_mask, top_bucket, topk_mask
+from .yaml_spec import MergekitSpec, collapse, gta_params
 
 TrimRule = Literal["exact_k", "official"]
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
 class Ties(DeltaMethod):
     """TIES-Merging. ``density`` is the kept fraction (the paper's k; official default 0.2)."""
 
     name = "ties"
+    reference = 'Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)'
+    mergekit = MergekitSpec("ties", gta_params(True, False), "required", lambda s, pm, notes: _from_mergekit(s, pm))
     allow_negative_weights = False
     per_expert_params = ("density",)
     density: PerExpert = 0.2
@@ -60,8 +62,11 @@ class Ties(DeltaMethod):
         check_choice(self.name, "election", self.election, ("weighted", "unweighted"))
         check_choice(self.name, "divisor", self.divisor, ("weights", "count"))
         check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
-        if self.trim_scope == "global":
-            object.__setattr__(self, "statistics_passes", 2)
+
+    @property
+    def statistics_passes(self) -> int:  # type: ignore[override]
+        """The global trim needs two passes over the model (histograms, then thresholds)."""
+        return 2 if self.trim_scope == "global" else 0
 
     # ---- trim
     def trim(self, inputs: TensorInputs) -> list[Tensor]:
@@ -138,3 +143,20 @@ class Ties(DeltaMethod):
                 stats["threshold"].setdefault(e, -1 if self._density_of(e) >= 1.0 else 1 << 31)
         return stats
 
+
+def _from_mergekit(s, pm):
+    from ..errors import ConfigError
+
+    if s["rescale"]:
+        raise ConfigError(
+            "parameters.rescale: 'rescale: true' for ties (L1 rescaling after the magnitude trim) is not "
+            "supported; remove it (the default is false)"
+        )
+    return "ties", {
+        "density": collapse(pm["density"]), "normalize": s["normalize"], "lambda_": s["lambda"],
+        "trim_scope": "tensor", "trim_rule": "exact_k", "election": "weighted",
+        "divisor": "weights", "zero_sign": "positive",
+    }
+
+
+explain(Ties, math=__doc__)

@@ -1,0 +1,68 @@
+"""The one list of merge methods. Registering a method is adding its class here.
+
+Every built-in method module is imported explicitly, so a module that fails to import is an
+``ImportError``, never a method that silently disappears. ``sens_scaled`` lives with the learned
+merges (its factors come from a Lightning calibration pass) and is imported when first asked for;
+if that import fails, asking for it raises :class:`~lightning_merge.errors.ConfigError` with the
+reason. Applications add their own methods with :func:`~lightning_merge.methods.base.register`.
+
+Each class describes itself: ``name``, ``reference``, ``mergekit`` (its YAML form, or None), its
+hyperparameters as dataclass fields with the math in the class docstring, and its capabilities
+(``space``, ``requires_base``, ``statistics_passes``, ``per_expert_params``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+from .adaptive_rms import AdaptiveRMS
+from .base import _REGISTRY, MergeMethod, register
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
+from .dppa import DPPA
+from .linear import Linear, TaskArithmetic
+from .model_stock import ModelStock
+from .slerp import Slerp
+from .ties import Ties
+from .yaml_spec import MergekitSpec
+
+__all__ = ["BUILTIN", "LAZY", "MERGEKIT_0_1_5", "load_lazy", "mergekit_specs"]
+
+BUILTIN: tuple[type[MergeMethod], ...] = (
+    Linear, TaskArithmetic, Ties, DareLinear, DareTies, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
+    AdaptiveRMS, DPPA, ModelStock, Slerp,
+)
+#: name -> (module, class) imported on first use
+LAZY: dict[str, tuple[str, str]] = {"sens_scaled": ("lightning_merge.learned.sens_callback", "SensScaled")}
+#: every merge_method of mergekit 0.1.5 (those no class here claims are "not supported yet")
+MERGEKIT_0_1_5 = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear", "slerp", "model_stock", "passthrough", "nuslerp", "multislerp", "karcher", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl",
+)
+
+for _cls in BUILTIN:
+    register(_cls)
+
+
+def load_lazy(name: str) -> type[MergeMethod] | None:
+    """The class of a lazily imported method, imported now (None: not a lazy name)."""
+    if name not in LAZY:
+        return None
+    module, attr = LAZY[name]
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except Exception as e:
+        raise ConfigError(f"merge method '{name}' could not be imported from {module} ({type(e).__name__}: {e}); "
+                          "fix that installation (e.g. its optional dependencies)") from e
+    if _REGISTRY.get(name) is not cls:
+        register(cls)
+    return cls
+
+
+def mergekit_specs() -> dict[str, tuple[type[MergeMethod], MergekitSpec]]:
+    """mergekit ``merge_method`` name -> (our class, its spec), from the registered classes."""
+    return {cls.mergekit.name: (cls, cls.mergekit) for cls in dict.fromkeys(_REGISTRY.values())
+            if cls.mergekit is not None}

@@ -8,41 +8,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_merge.engine import build_plan, run_plan
-from lightning_merge.methods import TensorInputs, get_method, method_names
+from lightning_merge.methods import TensorInputs, get_method, method_class, method_names
 from lightning_merge.sources import StateDictSource
 
-#: the methods that need nothing but tensors (``sens_scaled``, registered when lightning_merge.learned is
-#: imported, needs a factors file and has its own tests)
+#: every registered method that needs nothing but tensors (``sens_scaled`` needs a factors file and
+#: has its own tests); what each one promises comes from its class (``contract``): registering a
+#: method is what covers it here
 CORE_METHODS = [n for n in method_names() if n != "sens_scaled"]
 
-# parameters that make each method a no-op sparsifier ("density 1, no drop")
-NO_DROP = {
-    "linear": {},
-    "task_arithmetic": {},
-    "ties": {"density": 1.0},
-    "dare_linear": {"density": 1.0},
-    "dare_ties": {"density": 1.0},
-    "della": {"density": 1.0, "epsilon": 0.0},
-    "della_linear": {"density": 1.0, "epsilon": 0.0},
-    "breadcrumbs": {"density": 1.0, "gamma": 0.0},
-    "breadcrumbs_ties": {"density": 1.0, "gamma": 0.0},
-    "adaptive_rms": {"drop_rate": 0.0, "drop_scale": 0.0},
-}
-# typical sparsifying settings, for the invariants that hold whatever the hyperparameters
-TYPICAL = {
-    "ties": {"density": 0.3},
-    "dare_linear": {"density": 0.4},
-    "dare_ties": {"density": 0.4},
-    "della": {"density": 0.5, "epsilon": 0.2},
-    "della_linear": {"density": 0.5, "epsilon": 0.2},
-    "breadcrumbs": {"density": 0.6, "gamma": 0.1},
-    "breadcrumbs_ties": {"density": 0.6, "gamma": 0.1},
-    "adaptive_rms": {"drop_rate": 0.7, "drop_scale": 0.5},
-    "slerp": {"t": 0.3},
-}
-TWO_MODELS_ONLY = {"slerp"}
-MIN_TWO = {"model_stock"}
-SUM_METHODS = {"task_arithmetic", "dare_linear", "della_linear"}  # plain Σ w δ when nothing is dropped
+
+def contract(name: str):
+    return method_class(name).contract
+
+
+NO_DROP = {n: dict(contract(n).identity) for n in CORE_METHODS if contract(n).identity is not None}
+TYPICAL = {n: dict(contract(n).typical) for n in CORE_METHODS}
+SUM_METHODS = {n for n in CORE_METHODS if contract(n).sums}
 
 shapes = st.tuples(st.integers(1, 5), st.integers(2, 9))
 settings_ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -64,10 +45,11 @@ def run(name, params, base, deltas, weights=None, seed=0):
 
 
 def n_experts(name):
-    return 1 if name in TWO_MODELS_ONLY else (2 if name in MIN_TWO else 3)
+    c = contract(name)
+    return max(c.min_experts, min(3, c.max_experts or 3))
 
 
-@pytest.mark.parametrize("name", [n for n in CORE_METHODS if n != "dppa"])
+@pytest.mark.parametrize("name", [n for n in CORE_METHODS if contract(n).zero_deltas_give_base])
 @given(shape=shapes, seed=st.integers(0, 2**16))
 @settings_
 def test_zero_deltas_give_the_base(name, shape, seed):
@@ -125,3 +107,29 @@ def test_inputs_direct_call_matches_engine():
     name = "model.layers.0.self_attn.q_proj.weight"
     direct = m.merge(TensorInputs(name, base, [d.clone() for d in deltas], [0, 1, 2], [1, 1, 1]))
     torch.testing.assert_close(direct, run("ties", {"density": 0.5}, base, deltas))
+
+
+@pytest.mark.parametrize("name", CORE_METHODS)
+def test_per_expert_lists_of_one_value_equal_the_scalar(name):
+    cls = method_class(name)
+    params = TYPICAL.get(name, {})
+    n = n_experts(name)
+    listed = {k: [v] * n for k, v in params.items() if k in cls.per_expert_params}
+    if not listed:
+        pytest.skip(f"{name} has no per-expert parameter among its typical settings")
+    base, deltas = tensors((4, 6), 3, n)
+    torch.testing.assert_close(run(name, {**params, **listed}, base, deltas, seed=1),
+                               run(name, params, base, deltas, seed=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CORE_METHODS)
+def test_with_params_and_describe(name):
+    import json
+
+    m = get_method(name)
+    typical = TYPICAL.get(name, {})
+    assert m.with_params(**typical) == get_method(name, **typical)
+    d = m.describe()
+    assert d["method"] == name and json.loads(json.dumps(d, default=repr))["method"] == name
+    if typical:
+        assert get_method(name, **typical).describe() != d or typical == {k: d[k] for k in typical}

@@ -61,6 +61,7 @@ from .base import (
     check_range,
 )
 from .kernels import ZeroSign, bernoulli_keep, elect_and_fuse, topk_mask
+from .yaml_spec import Contract
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,8 @@ class AdaptiveRMS(DeltaMethod):
     """
 
     name = "adaptive_rms"
+    contract = Contract(identity={"drop_rate": 0.0, "drop_scale": 0.0},
+                        typical={"drop_rate": 0.7, "drop_scale": 0.5})
     reference = "the project's seed 001: adaptive drop rates from delta RMS"
     allow_negative_weights = False
     statistics_passes = 1

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .kernels import generator_for
-from .yaml_spec import MergekitSpec
+from .yaml_spec import Contract, MergekitSpec
 
 Space = Literal["delta", "weight"]
 PerExpert = float | list[float]
@@ -95,6 +95,8 @@ class MergeMethod:
     #: how it is written in a mergekit 0.1.5 YAML (None: no mergekit counterpart; then our own
     #: parameter names are accepted under ``merge_method: <name>``)
     mergekit: ClassVar[MergekitSpec | None] = None
+    #: what the registry-wide contract tests need (identity and typical settings, expert counts)
+    contract: ClassVar[Contract] = Contract()
     space: ClassVar[Space] = "delta"
     requires_base: ClassVar[bool] = True
     #: False for methods whose sign election or probabilities assume non-negative weights

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import ZeroSign, elect_and_fuse, norm_rescale, weighted_mean, weighted_sum
-from .yaml_spec import MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
+from .yaml_spec import Contract, MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
 
 NormRescale = Literal["none", "l1", "l2", "linf"]
 
@@ -101,6 +101,7 @@ class Breadcrumbs(_Breadcrumbs):
     """Breadcrumbs masks then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ_t w_t with ``normalize``)."""
 
     name = "breadcrumbs"
+    contract = Contract(identity={"density": 1.0, "gamma": 0.0}, typical={"density": 0.6, "gamma": 0.1})
     reference = 'Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)'
     mergekit = MergekitSpec("breadcrumbs", gta_params(False, False, {"gamma": YamlParam("float", 0.01, True)}),
                             "required", lambda s, pm, n: _from_mergekit("breadcrumbs", s, pm))
@@ -119,6 +120,7 @@ class BreadcrumbsTies(_Breadcrumbs):
     """
 
     name = "breadcrumbs_ties"
+    contract = Contract(identity={"density": 1.0, "gamma": 0.0}, typical={"density": 0.6, "gamma": 0.1})
     reference = 'Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)'
     mergekit = MergekitSpec("breadcrumbs_ties", gta_params(False, False, {"gamma": YamlParam("float", 0.01, True)}),
                             "required", lambda s, pm, n: _from_mergekit("breadcrumbs_ties", s, pm))

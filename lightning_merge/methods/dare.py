@@ -34,7 +34,7 @@ from .kernels import (
     weighted_mean,
     weighted_sum,
 )
-from .yaml_spec import MergekitSpec, collapse, gta_params, rescale_mode
+from .yaml_spec import Contract, MergekitSpec, collapse, gta_params, rescale_mode
 
 RESCALE_MODES = ("inverse_prob", "l1", "l2", "linf", "none")
 
@@ -85,6 +85,7 @@ class DareLinear(_Dare):
     """DARE then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ w_t when ``normalize``)."""
 
     name = "dare_linear"
+    contract = Contract(identity={"density": 1.0}, typical={"density": 0.4}, sums=True)
     reference = 'Yu et al. 2024, Language models are Super Mario (DARE, arXiv:2311.03099)'
     mergekit = MergekitSpec("dare_linear", gta_params(False, True), "required",
                             lambda s, pm, n: _from_mergekit("dare_linear", s, pm))
@@ -103,6 +104,7 @@ class DareTies(_Dare):
     ``"majority"`` (the sign of the sum of the elected signs)."""
 
     name = "dare_ties"
+    contract = Contract(identity={"density": 1.0}, typical={"density": 0.4})
     reference = 'Yu et al. 2024, Language models are Super Mario (DARE, arXiv:2311.03099)'
     mergekit = MergekitSpec("dare_ties", gta_params(False, True), "required",
                             lambda s, pm, n: _from_mergekit("dare_ties", s, pm))

@@ -63,7 +63,7 @@ from .kernels import (
     weighted_mean,
     weighted_sum,
 )
-from .yaml_spec import MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
+from .yaml_spec import Contract, MergekitSpec, YamlParam, collapse, gta_params, rescale_mode
 
 RankScope = Literal["row", "layer"]
 ProbFormula = Literal["code", "paper"]
@@ -247,6 +247,7 @@ class Della(_MagPrune):
     """
 
     name = "della"
+    contract = Contract(identity={"density": 1.0, "epsilon": 0.0}, typical={"density": 0.5, "epsilon": 0.2})
     reference = 'Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)'
     mergekit = MergekitSpec("della", gta_params(True, True, {"epsilon": YamlParam("float", 0.15, True)}), "required",
                             lambda s, pm, n: _from_mergekit("della", s, pm))
@@ -268,6 +269,8 @@ class DellaLinear(_MagPrune):
     """MagPrune then task arithmetic: θ* = θ₀ + λ Σ_t w_t δ̂_t (÷ Σ_t w_t when ``normalize``)."""
 
     name = "della_linear"
+    contract = Contract(identity={"density": 1.0, "epsilon": 0.0}, typical={"density": 0.5, "epsilon": 0.2},
+                        sums=True)
     reference = 'Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)'
     mergekit = MergekitSpec("della_linear", gta_params(False, True, {"epsilon": YamlParam("float", 0.15, True)}),
                             "required", lambda s, pm, n: _from_mergekit("della_linear", s, pm))

@@ -57,6 +57,7 @@ from ..errors import ConfigError, MergeError
 from .adaptive_rms import split_block_name
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range
 from .kernels import ZeroSign, elect_and_fuse, weighted_sum
+from .yaml_spec import Contract
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class DPPA(DeltaMethod):
     """
 
     name = "dppa"
+    contract = Contract()
     reference = 'Zhu et al. 2024, DPPA: pruning and amplification (arXiv:2403.02799)'
     statistics_passes = 2
     per_expert_params = ("density_top", "density_band", "alpha_top", "alpha_band")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .base import DeltaMethod, MergeMethod, TensorInputs
 from .kernels import weighted_mean, weighted_sum
-from .yaml_spec import MergekitSpec, YamlParam, gta_params
+from .yaml_spec import Contract, MergekitSpec, YamlParam, gta_params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +27,7 @@ class Linear(MergeMethod):
     """
 
     name = "linear"
+    contract = Contract(identity={})
     reference = 'Wortsman et al. 2022, Model soups (arXiv:2203.05482)'
     mergekit = MergekitSpec("linear", {"weight": YamlParam("float", 1.0, True),
                                       "normalize": YamlParam("bool", True, False)},
@@ -54,6 +55,7 @@ class TaskArithmetic(DeltaMethod):
     """
 
     name = "task_arithmetic"
+    contract = Contract(identity={}, sums=True)
     reference = 'Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)'
     mergekit = MergekitSpec("task_arithmetic", gta_params(False, False), "required",
                             lambda s, pm, notes: _from_mergekit_ta(s, pm, notes))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import MergeMethod, TensorInputs
-from .yaml_spec import MergekitSpec, YamlParam
+from .yaml_spec import Contract, MergekitSpec, YamlParam
 
 
 def model_stock_ratio(deltas: Tensor) -> Tensor:
@@ -52,6 +52,7 @@ class ModelStock(MergeMethod):
     """
 
     name = "model_stock"
+    contract = Contract(min_experts=2)
     reference = 'Jang et al. 2024, Model Stock (arXiv:2403.19522)'
     mergekit = MergekitSpec("model_stock", {"filter_wise": YamlParam("bool", False, False)}, "required",
                             lambda s, pm, n: ("model_stock", {"filter_wise": s["filter_wise"]}), 2)

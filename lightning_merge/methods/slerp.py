@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import MergeMethod, TensorInputs, check_range
-from .yaml_spec import REQUIRED, MergekitSpec, YamlParam
+from .yaml_spec import REQUIRED, Contract, MergekitSpec, YamlParam
 
 DOT_THRESHOLD = 0.9995
 
@@ -61,6 +61,7 @@ class Slerp(MergeMethod):
     """
 
     name = "slerp"
+    contract = Contract(typical={"t": 0.3}, min_experts=1, max_experts=1)
     reference = "Shoemake 1985 (spherical interpolation); mergekit's slerp"
     mergekit = MergekitSpec("slerp", {"t": YamlParam("float", REQUIRED, False)}, "required",
                             lambda s, pm, n: ("slerp", {"t": s["t"]}), 1, 1)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import ZeroSign, abs_bits, elect_and_fuse, threshold_mask, top_bucket, topk_mask
-from .yaml_spec import MergekitSpec, collapse, gta_params
+from .yaml_spec import Contract, MergekitSpec, collapse, gta_params
 
 TrimRule = Literal["exact_k", "official"]
 
@@ -41,6 +41,7 @@ class Ties(DeltaMethod):
     """TIES-Merging. ``density`` is the kept fraction (the paper's k; official default 0.2)."""
 
     name = "ties"
+    contract = Contract(identity={"density": 1.0}, typical={"density": 0.3})
     reference = 'Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)'
     mergekit = MergekitSpec("ties", gta_params(True, False), "required", lambda s, pm, notes: _from_mergekit(s, pm))
     allow_negative_weights = False

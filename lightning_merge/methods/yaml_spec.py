@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
-__all__ = ["REQUIRED", "MergekitSpec", "Translate", "YamlParam", "collapse", "gta_params", "rescale_mode"]
+__all__ = ["REQUIRED", "Contract", "MergekitSpec", "Translate", "YamlParam", "collapse", "gta_params", "rescale_mode"]
 
 #: the default of a parameter the YAML must give
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
@@ -78,3 +79,24 @@ def gta_params(normalize: bool, rescale: bool, extra: Mapping[str, YamlParam] | 
 def rescale_mode(shared: Mapping[str, Any]) -> str:
     """mergekit 0.1.5's ``rescale: true`` is L1-norm matching over the tensor."""
     return "l1" if shared["rescale"] else "none"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the registry-wide contract tests (tests/test_properties.py) need to know of a method.
+
+    Attributes:
+        identity: settings under which one expert with weight 1 merges to exactly that expert
+            ("nothing dropped"); None when the method has no such setting.
+        typical: representative settings for the invariants that hold whatever the values.
+        min_experts, max_experts: how many experts a merge takes.
+        sums: with ``identity`` settings the method is task arithmetic, θ₀ + λ Σ w δ.
+        zero_deltas_give_base: experts equal to the base give the base.
+    """
+
+    identity: Mapping[str, Any] | None = None
+    typical: Mapping[str, Any] = dataclass_field(default_factory=dict)
+    min_experts: int = 1
+    max_experts: int | None = None
+    sums: bool = False
+    zero_deltas_give_base: bool = True

@@ -336,20 +336,27 @@ def method_for(plan: MergePlan, name: str) -> tuple[MergeMethod, list[float]]:
     return (plan.method.with_params(**params) if params else plan.method), weights
 
 
-def load_inputs(plan: MergePlan, task: TensorTask) -> TensorInputs:
-    """Read one tensor from the base and every expert that has it, as the method's space wants."""
+Reader = Callable[[Source, str], Tensor]
+
+
+def load_inputs(plan: MergePlan, task: TensorTask, read: Reader | None = None) -> TensorInputs:
+    """Read one tensor from the base and every expert that has it, as the method's space wants.
+
+    ``read(source, name)`` replaces ``source.get(name)``: the sharded route reads only a rank's
+    rows with it (tasks without vocabulary truncation or padding)."""
     method, weights = method_for(plan, task.name)
     dev = plan.device
+    get: Reader = read or (lambda src, name: src.get(name))
     base_t = None
     if plan.base is not None:
-        base_t = _checked(plan.base.get(task.name), plan.base, task.name, plan.check_finite)
+        base_t = _checked(get(plan.base, task.name), plan.base, task.name, plan.check_finite)
         base_t = base_t.to(dev, torch.float32)
         if task.pad_rows is not None:
             base_t = _pad_rows(base_t, task.pad_rows)
     tensors: list[Tensor] = []
     for i in task.experts:
         src = plan.experts[i]
-        raw = _checked(src.get(task.name), src, task.name, plan.check_finite)
+        raw = _checked(get(src, task.name), src, task.name, plan.check_finite)
         t = raw[tuple(slice(0, s) for s in task.truncate[i])] if i in task.truncate else raw
         t = t.to(dev, torch.float32)
         if task.pad_rows is not None:

@@ -119,5 +119,12 @@ def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods
             save_file(sd, f"{out}/ties_base_file.safetensors")
             save_file(restored, f"{out}/restored.safetensors")
         torch.save(sizes, f"{out}/nonempty_rank{rank}.pt")
+        # the element-wise route: each rank reads only its own rows of every expert
+        from lightning_merge.sources.files import SafetensorsFileSource
+
+        srcs = [SafetensorsFileSource(e) for e in experts]
+        merge_models(None, srcs, get_method("task_arithmetic"), out=net, seed=7, device=device)
+        net._lightning_merge_backup.restore()
+        torch.save([s.bytes_read for s in srcs], f"{out}/bytes_read_rank{rank}.pt")
     finally:
         dist.destroy_process_group()

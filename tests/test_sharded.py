@@ -46,6 +46,11 @@ def test_every_method_into_shards_equals_one_process(zoo, tmp_path, world):
     assert all(torch.equal(got[k], want[k]) for k in want)
     restored = load_file(str(tmp_path / "restored.safetensors"))
     assert all(torch.equal(restored[k], base[k]) for k in base)
+    # task_arithmetic takes the element-wise route: the ranks together read every expert byte once
+    full = [sum(v.numel() * v.element_size() for v in load_file(zoo[e]).values()) for e in ("e0", "e1")]
+    read = [torch.load(tmp_path / f"bytes_read_rank{r}.pt") for r in range(world)]
+    assert [sum(r[i] for r in read) for i in range(2)] == full
+    assert all(r[i] < full[i] for r in read for i in range(2))
     held = [torch.load(tmp_path / f"nonempty_rank{r}.pt") for r in range(world)]
     if world == 3:  # the 2-row head leaves the last rank an empty shard; 33 rows split unevenly
         assert held[2]["head.weight"] is False and held[0]["head.weight"] is True
@@ -120,3 +125,33 @@ def test_every_method_into_cuda_shards_with_nccl_equals_one_process(zoo, tmp_pat
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         for k in want:
             assert torch.equal(got[k], want[k]), (name, k)
+
+
+def test_row_reads_equal_slices_of_whole_reads(tmp_path):
+    """Source.get_rows, the element-wise route's reader: safetensors rows by a positional read of
+    their bytes only, and LoRA delta rows as B[rows] @ A, each equal to slicing the whole tensor."""
+    from peft import LoraConfig, get_peft_model
+    from safety_helpers import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_merge.sources.resolve import open_source
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(tmp_path / "full")
+    peft_model = get_peft_model(LlamaForCausalLM(LlamaConfig(**TINY)), LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path / "lora")
+    lora, full = open_source(str(tmp_path / "lora")), open_source(str(tmp_path / "full"))
+    for src in (lora, full):
+        for key in src.keys()[:6]:
+            n = src.shape(key)[0]
+            for a, b in ((0, n // 3), (n // 3, n), (n, n)):
+                assert torch.equal(src.get_rows(key, a, b), src.get(key)[a:b]), (key, a, b)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    inner = full._src(key)
+    before = inner.bytes_read
+    full.get_rows(key, 0, 8)
+    assert inner.bytes_read - before == 8 * TINY["hidden_size"] * 4

@@ -1,6 +1,16 @@
 """Merging into a sharded module (FSDP2 ``fully_shard``: DTensor parameters), with no full model on any rank.
 
-Route: *owner merges one tensor, then scatters*. The plan's tensors are dealt into one share per
+Two routes, chosen per method and tensor:
+
+* *Rows where they live* (methods with ``elementwise = True``: ``linear``, ``task_arithmetic``):
+  every merged element depends only on the same element of the inputs, so each rank reads only
+  the rows it holds from every expert (``Source.get_rows``: a positional read of those rows of a
+  safetensors file; for a LoRA adapter, those rows of B times A), takes the base rows from its own
+  shard, merges and writes them. Nothing is exchanged.
+* *Owner merges one tensor, then scatters* (every other method: top-k thresholds, norms and
+  rescales, ranks within a row, random streams over the tensor, statistics passes), below.
+
+The owner route. The plan's tensors are dealt into one share per
 rank (:func:`~.ranks.split_tasks`, balanced by size). The work runs in rounds; in round k every
 rank merges the k-th tensor of its share, in parallel, with the same engine code as
 :func:`~lightning_merge.merge_models` (so every registered method gives the 1-process result with
@@ -35,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine import MergePlan, TensorTask, compute_statistics, merge_task
+from ..engine import MergePlan, TensorTask, compute_statistics, load_inputs, merge_task, method_for
 from ..errors import MergeError
 from ..sources.base import Source
 from ..targets.module import find_tensor, reshard
@@ -132,6 +142,10 @@ class GatheredBase(Source):
 
     def dtype(self, key: str) -> torch.dtype:
         return find_tensor(self.target, key).dtype
+
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """This rank's own rows, straight from its shard (the element-wise route)."""
+        return _local(find_tensor(self.target, key)).detach().to("cpu", copy=True)
 
     def get(self, key: str) -> Tensor:
         try:
@@ -232,14 +246,40 @@ def scatter_rounds(plan: MergePlan, shares: Sequence[Sequence[TensorTask]], targ
         _exchange(comm, target, [(o, s[k]) for o, s in enumerate(shares) if k < len(s)], merged, gather=False)
 
 
+def _rows_local(plan: MergePlan, task: TensorTask, target: nn.Module, world: int) -> bool:
+    """The element-wise route applies: an element-wise method, a tensor split by rows (or whole),
+    and no vocabulary truncation or padding."""
+    method, _ = method_for(plan, task.name)
+    if not method.elementwise or task.action != "merge" or task.truncate or task.pad_rows is not None:
+        return False
+    t = find_tensor(target, task.name)
+    if t is None or t.ndim == 0:
+        return False
+    return not _is_dtensor(t) or (len(t.placements) == 1 and (t.placements[0].is_replicate() or (
+        t.placements[0].is_shard() and t.placements[0].dim % max(t.ndim, 1) == 0)))
+
+
 def merge_into_shards(plan: MergePlan, tasks: Sequence[TensorTask], target: nn.Module, comm: Comm,
                       gathered: GatheredBase | None) -> list[list[TensorTask]]:
     """Merge ``tasks`` of ``plan`` into the sharded ``target`` in place (see the module doc).
 
     ``gathered``: the plan's base when the base is the module itself (its share is collected
     first). Returns the shares (the tensors each rank merged)."""
-    shares = split_tasks(tasks, comm.world)
+    local = [t for t in tasks if _rows_local(plan, t, target, comm.world)]
+    names = {t.name for t in local}
+    shares = split_tasks([t for t in tasks if t.name not in names], comm.world)
     mine = shares[comm.rank]
+    reshard(target)
+    for task in local:  # element-wise methods: each rank merges its own rows, reading only those
+        box = _boxes(find_tensor(target, task.name), comm.world)[comm.rank]
+        if box is None:
+            continue
+        start, stop = box[0].start, box[0].stop
+        inputs = load_inputs(plan, task, read=lambda src, name, a=start, b=stop: src.get_rows(name, a, b))
+        merged = merge_task(plan, task, inputs)
+        with torch.no_grad():
+            dst = _local(find_tensor(target, task.name))
+            dst.copy_(merged.to(dst.device, dst.dtype))
     if gathered is not None:
         gathered.full = gather_share(comm, target, shares)
     if plan.method.statistics_passes > 0:

@@ -95,6 +95,9 @@ class MergeMethod:
     #: how it is written in a mergekit 0.1.5 YAML (None: no mergekit counterpart; then our own
     #: parameter names are accepted under ``merge_method: <name>``)
     mergekit: ClassVar[MergekitSpec | None] = None
+    #: the merge of every element depends on that element of the inputs only (no ranking, no norm, no
+    #: random stream over the tensor): a sharded merge computes each rank's rows where they live
+    elementwise: ClassVar[bool] = False
     #: what the registry-wide contract tests need (identity and typical settings, expert counts)
     contract: ClassVar[Contract] = Contract()
     space: ClassVar[Space] = "delta"

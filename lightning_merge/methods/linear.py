@@ -27,6 +27,7 @@ class Linear(MergeMethod):
     """
 
     name = "linear"
+    elementwise = True
     contract = Contract(identity={})
     reference = 'Wortsman et al. 2022, Model soups (arXiv:2203.05482)'
     mergekit = MergekitSpec("linear", {"weight": YamlParam("float", 1.0, True),
@@ -55,6 +56,7 @@ class TaskArithmetic(DeltaMethod):
     """
 
     name = "task_arithmetic"
+    elementwise = True
     contract = Contract(identity={}, sums=True)
     reference = 'Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)'
     mergekit = MergekitSpec("task_arithmetic", gta_params(False, False), "required",

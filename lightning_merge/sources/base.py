@@ -54,6 +54,11 @@ class Source(ABC):
     @abstractmethod
     def get(self, key: str) -> Tensor: ...
 
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` (along dim 0) of ``key``; sources that can read only those rows
+        from disk override this (safetensors files, LoRA adapters)."""
+        return self.get(key)[start:stop]
+
     def close(self) -> None:
         """Release file handles (idempotent)."""
 
@@ -136,6 +141,9 @@ class RenamedSource(Source):
 
     def get(self, key: str) -> Tensor:
         return self.inner.get(self.mapping[key])
+
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        return self.inner.get_rows(self.mapping[key], start, stop)
 
     def close(self) -> None:
         self.inner.close()

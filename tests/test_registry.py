@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.methods.base import method_class, method_names
-from lightning_merge.methods.registry import BUILTIN, MERGEKIT_0_1_5, mergekit_specs
+from lightning_merge.methods.registry import BUILTIN, MERGEKIT_0_1_5, mergekit_specs, method_class, method_names
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

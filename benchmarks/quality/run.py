@@ -48,7 +48,7 @@ from lightning_merge.lightning.workflow import (  # noqa: E402
     quiet_runtime,
     train_expert,
 )
-from lightning_merge.methods.base import get_method  # noqa: E402
+from lightning_merge.methods.registry import get_method  # noqa: E402
 
 log = logging.getLogger("quality")
 

@@ -30,7 +30,8 @@ from ..engine import MergePlan, TensorTask
 from ..errors import ConfigError
 from ..lightning.callback import MergeCallback
 from ..lightning.targeting import MergeSetupError
-from ..methods.base import MergeMethod, TensorInputs, get_method
+from ..methods.base import MergeMethod, TensorInputs
+from ..methods.registry import get_method
 from ..sources.base import Source
 from .bank import ExpertBank
 from .sens import CombineMode, GroupBy, SensFactors, SensitivityWeight, compute_sens_factors

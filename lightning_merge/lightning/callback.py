@@ -64,7 +64,8 @@ from ..engine import (
     merge_task,
 )
 from ..errors import ConfigError, MergeError
-from ..methods.base import MergeMethod, check_weights, get_method
+from ..methods.base import MergeMethod, check_weights
+from ..methods.registry import get_method
 from ..sources.base import ModuleSource, Source, align
 from ..sources.identity import identified
 from ..sources.resolve import open_source

@@ -64,7 +64,8 @@ from torch import nn
 
 from ..engine import MergePlan, build_plan, compute_statistics, run_plan
 from ..errors import ConfigError, MergeError
-from ..methods.base import MergeMethod, check_weights, get_method
+from ..methods.base import MergeMethod, check_weights
+from ..methods.registry import get_method
 from ..sources.base import Source
 from ..sources.identity import identified
 from ..sources.resolve import open_source

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..methods.base import method_class
+from ..methods.registry import method_class
 
 __all__ = ["check_space", "expand_grid", "method_params", "sample_space"]
 

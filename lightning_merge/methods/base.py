@@ -24,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -191,57 +191,6 @@ def explain(*classes: type[MergeMethod], math: str | None) -> None:
         cls.__doc__ = "\n\n".join(p for p in parts if p) + "\n"
 
 
-# ----------------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, type[MergeMethod]] = {}
-M = TypeVar("M", bound=type[MergeMethod])
-
-
-def register(cls: M) -> M:
-    """Make a method available to :func:`get_method` under ``cls.name`` (the built-in methods are
-    listed in :mod:`lightning_merge.methods.registry`; applications register their own with this)."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"merge method name '{cls.name}' is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def method_names() -> list[str]:
-    """Every registered method name (including those imported on first use)."""
-    from .registry import LAZY
-
-    return sorted(set(_REGISTRY) | set(LAZY))
-
-
-def method_class(name: str) -> type[MergeMethod]:
-    from .registry import load_lazy
-
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in _REGISTRY and load_lazy(key) is None:
-        raise ConfigError(f"unknown merge method '{name}'; known methods: {', '.join(method_names())}")
-    return _REGISTRY[key]
-
-
-def get_method(name: str, **params: Any) -> MergeMethod:
-    """Build a registered method by its (mergekit-style, snake_case) name.
-
-    ``lambda`` is accepted as an alias of ``lambda_``. Unknown parameters raise
-    :class:`ConfigError` listing the valid ones.
-    """
-    cls = method_class(name)
-    if "lambda" in params:
-        params["lambda_"] = params.pop("lambda")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ConfigError(
-            f"merge method '{cls.name}' has no parameter(s) {unknown}; valid parameters: {sorted(valid)}"
-        )
-    return cls(**params)
-
-
 # ------------------------------------------------------------------------------------- validation
 
 def _values(value: Any) -> list[Any]:
@@ -300,8 +249,4 @@ __all__ = [
     "check_finite",
     "check_range",
     "check_weights",
-    "get_method",
-    "method_class",
-    "method_names",
-    "register",
 ]

@@ -13,11 +13,13 @@ hyperparameters as dataclass fields with the math in the class docstring, and it
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
 from .adaptive_rms import AdaptiveRMS
-from .base import _REGISTRY, MergeMethod, register
+from .base import MergeMethod
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
 from .della import Della, DellaLinear
@@ -28,7 +30,54 @@ from .slerp import Slerp
 from .ties import Ties
 from .yaml_spec import MergekitSpec
 
-__all__ = ["BUILTIN", "LAZY", "MERGEKIT_0_1_5", "load_lazy", "mergekit_specs"]
+__all__ = ["BUILTIN", "LAZY", "MERGEKIT_0_1_5", "get_method", "load_lazy", "mergekit_specs", "method_class",
+           "method_names", "register"]
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+M = TypeVar("M", bound=type[MergeMethod])
+
+
+def register(cls: M) -> M:
+    """Make a method available to :func:`get_method` under ``cls.name`` (the built-in methods are
+    listed in :mod:`lightning_merge.methods.registry`; applications register their own with this)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"merge method name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    """Every registered method name (including those imported on first use)."""
+    return sorted(set(_REGISTRY) | set(LAZY))
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _REGISTRY and load_lazy(key) is None:
+        raise ConfigError(f"unknown merge method '{name}'; known methods: {', '.join(method_names())}")
+    return _REGISTRY[key]
+
+
+def get_method(name: str, **params: Any) -> MergeMethod:
+    """Build a registered method by its (mergekit-style, snake_case) name.
+
+    ``lambda`` is accepted as an alias of ``lambda_``. Unknown parameters raise
+    :class:`ConfigError` listing the valid ones.
+    """
+    cls = method_class(name)
+    if "lambda" in params:
+        params["lambda_"] = params.pop("lambda")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ConfigError(
+            f"merge method '{cls.name}' has no parameter(s) {unknown}; valid parameters: {sorted(valid)}"
+        )
+    return cls(**params)
+
+
 
 BUILTIN: tuple[type[MergeMethod], ...] = (
     Linear, TaskArithmetic, Ties, DareLinear, DareTies, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,

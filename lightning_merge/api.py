@@ -16,6 +16,7 @@ from .engine import TensorParams, VocabPolicy, build_plan, run_plan
 from .errors import ConfigError
 from .methods.base import MergeMethod
 from .sources.base import ModuleSource, Source
+from .targets.module import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,12 @@ def merge_models(
         raise ConfigError(f"out must be None (return a state dict), a path or an nn.Module, got "
                           f"{type(out).__name__}")
     opened: list[Source] = []
-    sharded = isinstance(out, nn.Module) and _is_sharded(out)
+    sharded = isinstance(out, nn.Module) and is_sharded(out)
     try:
         if base is None and sharded:
             from .lightning.sharded import GatheredBase
 
-            base_src: Source | None = GatheredBase(out, ModuleSource(out).keys(), "<sharded module being merged>")
+            base_src: Source | None = GatheredBase(out, "<sharded module being merged>")
         elif base is None and isinstance(out, nn.Module):
             base_src = ModuleSource(out, label="<module being merged>")
         else:
@@ -188,10 +189,6 @@ def merge_models(
              method.name, len(plan.tasks), nbytes / 1e6, where, time.perf_counter() - t0,
              extra={SUMMARY: True})
     return result
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in module.parameters())
 
 
 #: ``extra`` key marking the one summary line a merge logs (the CLI prints its own instead)

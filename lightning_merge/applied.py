@@ -10,13 +10,13 @@ values differ), so that what is printed is what the merge does.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
+from .naming import layer_of, module_of
+
 __all__ = ["applied_values"]
 
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)\.(.*)$")
 
 
 def _fmt(v: Any) -> str:
@@ -30,10 +30,10 @@ def _fmt(v: Any) -> str:
 def _where(name: str) -> tuple[int | None, str]:
     """(layer index or None, the module group): ``model.layers.3.self_attn.q_proj.weight`` ->
     (3, 'self_attn'); ``model.embed_tokens.weight`` -> (None, 'model.embed_tokens')."""
-    m = _LAYER.match(name)
-    if m:
-        return int(m.group(2)), m.group(3).split(".")[0]
-    return None, name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    hit = layer_of(name)
+    if hit:
+        return hit[1], hit[2].split(".")[0]
+    return None, module_of(name)
 
 
 def _per_layer(values: dict[str, str]) -> str:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError, IncompatibleTensorError
 from .methods.base import MergeMethod, TensorInputs, check_weights
+from .naming import tensor_groups
 from .sources.base import Source, align
 
 log = logging.getLogger(__name__)
@@ -283,37 +284,6 @@ def _warn_missing(base: Source, experts: Sequence[Source], tasks: Sequence[Tenso
             log.warning("%s: lacks %d of the base's %d merged tensors (%s); those tensors are merged from the "
                         "other experts only, or kept from the base where no expert has them", e.label,
                         len(lacking), len(merged), tensor_groups(lacking))
-
-
-def tensor_groups(names: Sequence[str]) -> str:
-    """A short description of where ``names`` lie: layer ranges per stack, and the other modules."""
-    import re
-
-    layers: dict[str, set[int]] = {}
-    other: list[str] = []
-    for n in names:
-        m = re.match(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)(?:\.|$)", n)
-        if m:
-            layers.setdefault(m.group(1), set()).add(int(m.group(2)))
-        else:
-            other.append(n.rsplit(".", 1)[0] if n.endswith((".weight", ".bias")) else n)
-    parts = []
-    for stack, idx in layers.items():
-        ranges, run = [], []
-        for k in sorted(idx):
-            if run and k == run[-1] + 1:
-                run.append(k)
-            else:
-                if run:
-                    ranges.append(run)
-                run = [k]
-        ranges.append(run)
-        text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in ranges)
-        parts.append(f"{stack} {text}")
-    other = list(dict.fromkeys(other))
-    if other:
-        parts.append(", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
-    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ reading

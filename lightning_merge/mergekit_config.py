@@ -135,6 +135,7 @@ from .errors import ConfigError
 from .methods.base import MergeMethod
 from .methods.registry import MERGEKIT_0_1_5, mergekit_specs, method_class
 from .methods.yaml_spec import REQUIRED, MergekitSpec, YamlParam, collapse
+from .naming import LAYER_RE
 from .yaml_io import load_yaml
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,6 @@ def _tensor_dependent(setting: Any) -> bool:
 
 # ------------------------------------------------------------------------------------- layer index
 
-_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)(?:\.|$)")
 
 
 class LayerIndex:
@@ -304,12 +304,12 @@ class LayerIndex:
     def __init__(self, names: Sequence[str]):
         self.counts: dict[str, int] = {}
         for n in names:
-            m = _LAYER_RE.match(n)
+            m = LAYER_RE.match(n)
             if m:
                 self.counts[m.group(1)] = max(self.counts.get(m.group(1), 0), int(m.group(2)) + 1)
 
     def t(self, name: str) -> float:
-        m = _LAYER_RE.match(name)
+        m = LAYER_RE.match(name)
         if not m:
             return 0.0
         n = self.counts.get(m.group(1), int(m.group(2)) + 1)

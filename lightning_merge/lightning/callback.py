@@ -407,8 +407,7 @@ class MergeCallback(Callback):
         gathered = None
         label = f"<{self.target_name or type(target).__name__} before the merge>"
         if self.base is None and sharded:
-            gathered = GatheredBase(target, module_keys, label)
-            gathered.aliases = ModuleSource(target).aliases
+            gathered = GatheredBase(target, label)
             base: Source = gathered
         elif self.base is None:
             base = ModuleSource(target, label=label)

@@ -69,13 +69,13 @@ from ..methods.registry import get_method
 from ..sources.base import Source
 from ..sources.identity import identified
 from ..sources.resolve import open_source
-from ..targets.module import find_tensor, load_into_module
+from ..targets.module import find_tensor, is_sharded, load_into_module
 from .ranks import Comm
 from .search_cache import SearchInputs, Store, cache_inputs, cache_sharded_inputs, module_device
 from .search_log import log_rows, write_csv
 from .search_loop import PrivateValidationLoop, rearm_evaluation_loop
 from .search_space import expand_grid, sample_space
-from .sharded import is_sharded, scatter_rounds
+from .sharded import scatter_rounds
 from .targeting import find_target
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class BaseMergeSearch(Callback):
         self.target_name: str | None = None
         self.csv_written: str | None = None
         self._searching = False
-        self._trainer: pl.Trainer | None = None
+        self._config_hash: str | None = None
 
     # ---- what a subclass provides
     def _proposals(self) -> Generator[Proposal, float, None]:
@@ -219,9 +219,13 @@ class BaseMergeSearch(Callback):
     # ---- state
     @property
     def config_hash(self) -> str:
-        """Hash of :meth:`_config`, the expert and base paths replaced by their files' content identity."""
-        text = json.dumps(identified(self._config()), sort_keys=True, default=repr)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Hash of :meth:`_config`, the expert and base paths replaced by their files' content identity
+        (computed once, on first use: reading the files' identities is I/O, and the hash names the
+        files as they were when this search was set up, as :class:`MergeCallback`'s does)."""
+        if self._config_hash is None:
+            text = json.dumps(identified(self._config()), sort_keys=True, default=repr)
+            self._config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._config_hash
 
     @property
     def state_key(self) -> str:
@@ -269,7 +273,7 @@ class BaseMergeSearch(Callback):
                 f"run that searched, or merge the chosen candidate with MergeCallback")
 
     # ---- the search
-    def _open_inputs(self, pl_module: pl.LightningModule) -> tuple[nn.Module, SearchInputs]:
+    def _open_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, SearchInputs]:
         """Find the target, then read every input once (see :mod:`.search_cache`)."""
         opened: list[Source] = []
         try:
@@ -282,7 +286,7 @@ class BaseMergeSearch(Callback):
             device = module_device(target) if self.cache_device == "module" else "cpu"
             label = f"<{self.target_name or 'module'} before the search>"
             if is_sharded(target):
-                inputs = cache_sharded_inputs(target, opened[:len(self.experts)], Comm(self._trainer), base=base,
+                inputs = cache_sharded_inputs(target, opened[:len(self.experts)], Comm(trainer), base=base,
                                               store=self._store(), device=device, label=label)
             else:
                 inputs = cache_inputs(target, opened[:len(self.experts)], base=base, store=self._store(),
@@ -307,13 +311,12 @@ class BaseMergeSearch(Callback):
         load_into_module(target, dict(run_plan(plan, names, progress=False)), keep_backup=False)
 
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
         if self.searched:
             log.info("%s: already searched (best %s); not searching again", type(self).__name__, self.best)
             return
         self._searching = True
         try:
-            target, inputs = self._open_inputs(pl_module)
+            target, inputs = self._open_inputs(trainer, pl_module)
             results = self._evaluate_all(trainer, target, inputs)
         finally:
             self._searching = False

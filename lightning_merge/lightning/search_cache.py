@@ -145,7 +145,7 @@ def cache_sharded_inputs(
     device = torch.device(device)
     keys = ModuleSource(target).keys()
     backup = WeightBackup(target, keys)  # this rank's shard only
-    gathered = GatheredBase(target, keys, label) if base is None else None
+    gathered = GatheredBase(target, label) if base is None else None
     base_src: Source = gathered if gathered is not None else align(base, keys)  # type: ignore[arg-type]
     plan = build_plan(base_src, list(experts), TaskArithmetic(), device=device)
     tasks = [t for t in plan.tasks if t.action == "merge" and t.experts and base_src.dtype(t.name).is_floating_point

@@ -40,31 +40,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..engine import MergePlan, TensorTask, compute_statistics, load_inputs, merge_task, method_for
 from ..errors import MergeError
-from ..sources.base import Source
-from ..targets.module import find_tensor, reshard
+from ..sources.base import ModuleSource, Source
+from ..targets.module import find_tensor, is_dtensor, local_part, reshard
 from .ranks import Comm, _Failed, split_tasks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GatheredBase", "gather_share", "is_sharded", "local_box", "merge_into_shards", "scatter_rounds"]
+__all__ = ["GatheredBase", "gather_share", "local_box", "merge_into_shards", "scatter_rounds"]
 
 Box = tuple[slice, ...]
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True when any parameter of ``module`` is a DTensor (FSDP2, tensor parallelism)."""
-    return any(_is_dtensor(p) for p in module.parameters())
 
 
 def _chunk(n: int, world: int, r: int) -> tuple[int, int]:
@@ -82,7 +72,7 @@ def _boxes(t: Tensor, world: int) -> list[Box | None]:
     ``Shard(d)`` holds ``torch.chunk``'s piece d of rank's mesh position; ``Replicate()`` holds it
     whole. The computed box of this rank is checked against its actual local tensor."""
     full = tuple(slice(0, s) for s in t.shape)
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return [full] * world
     mesh = t.device_mesh
     if mesh.ndim != 1 or mesh.size() != world or len(t.placements) != 1:
@@ -118,17 +108,15 @@ def local_box(t: Tensor, rank: int, world: int) -> Box | None:
     return _boxes(t, world)[rank]
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 class GatheredBase(Source):
     """The module's own weights as the base of a sharded merge: names, global shapes and dtypes of
     the target's tensors; :meth:`get` returns a full tensor collected for this rank's share."""
 
-    def __init__(self, target: nn.Module, names: Sequence[str], label: str):
+    def __init__(self, target: nn.Module, label: str):
+        module = ModuleSource(target)
         self.target, self.label = target, label
-        self._names = list(names)
+        self._names = module.keys()
+        self.aliases = module.aliases  # tied parameters, as the unsharded base would report them
         self.full: dict[str, Tensor] = {}
 
     def keys(self) -> list[str]:
@@ -145,7 +133,7 @@ class GatheredBase(Source):
 
     def get_rows(self, key: str, start: int, stop: int) -> Tensor:
         """This rank's own rows, straight from its shard (the element-wise route)."""
-        return _local(find_tensor(self.target, key)).detach().to("cpu", copy=True)
+        return local_part(find_tensor(self.target, key)).detach().to("cpu", copy=True)
 
     def get(self, key: str) -> Tensor:
         try:
@@ -171,7 +159,7 @@ def _exchange(comm: Comm, target: nn.Module, round_tasks: Sequence[tuple[int, Te
     for owner, task in round_tasks:
         t = find_tensor(target, task.name)
         boxes = _boxes(t, comm.world)
-        local = _local(t)
+        local = local_part(t)
         if gather:
             if me == owner:
                 assembled = torch.empty(task.shape, dtype=t.dtype, device=dev)
@@ -209,6 +197,11 @@ def _exchange(comm: Comm, target: nn.Module, round_tasks: Sequence[tuple[int, Te
 
 
 
+def _round(shares: Sequence[Sequence[TensorTask]], k: int) -> list[tuple[int, TensorTask]]:
+    """(owner, task) of the k-th tensor of every share that has one."""
+    return [(o, s[k]) for o, s in enumerate(shares) if k < len(s)]
+
+
 def gather_share(comm: Comm, target: nn.Module, shares: Sequence[Sequence[TensorTask]]) -> dict[str, Tensor]:
     """The full tensors of this rank's share, collected from every rank's shard of the module
     (CPU, the module's dtype), in rounds like the merge's."""
@@ -217,7 +210,7 @@ def gather_share(comm: Comm, target: nn.Module, shares: Sequence[Sequence[Tensor
     mine = shares[comm.rank]
     full: dict[str, Tensor] = {}
     for k in range(rounds):
-        got = _exchange(comm, target, [(o, s[k]) for o, s in enumerate(shares) if k < len(s)], None, gather=True)
+        got = _exchange(comm, target, _round(shares, k), None, gather=True)
         if k < len(mine):
             full[mine[k].name] = got
     return full
@@ -243,10 +236,10 @@ def scatter_rounds(plan: MergePlan, shares: Sequence[Sequence[TensorTask]], targ
                 gathered.full.pop(mine[k].name, None)
         if comm.on:
             _check_round(comm, failure)
-        _exchange(comm, target, [(o, s[k]) for o, s in enumerate(shares) if k < len(s)], merged, gather=False)
+        _exchange(comm, target, _round(shares, k), merged, gather=False)
 
 
-def _rows_local(plan: MergePlan, task: TensorTask, target: nn.Module, world: int) -> bool:
+def _rowslocal_part(plan: MergePlan, task: TensorTask, target: nn.Module, world: int) -> bool:
     """The element-wise route applies: an element-wise method, a tensor split by rows (or whole),
     and no vocabulary truncation or padding."""
     method, _ = method_for(plan, task.name)
@@ -255,7 +248,7 @@ def _rows_local(plan: MergePlan, task: TensorTask, target: nn.Module, world: int
     t = find_tensor(target, task.name)
     if t is None or t.ndim == 0:
         return False
-    return not _is_dtensor(t) or (len(t.placements) == 1 and (t.placements[0].is_replicate() or (
+    return not is_dtensor(t) or (len(t.placements) == 1 and (t.placements[0].is_replicate() or (
         t.placements[0].is_shard() and t.placements[0].dim % max(t.ndim, 1) == 0)))
 
 
@@ -265,21 +258,29 @@ def merge_into_shards(plan: MergePlan, tasks: Sequence[TensorTask], target: nn.M
 
     ``gathered``: the plan's base when the base is the module itself (its share is collected
     first). Returns the shares (the tensors each rank merged)."""
-    local = [t for t in tasks if _rows_local(plan, t, target, comm.world)]
+    local = [t for t in tasks if _rowslocal_part(plan, t, target, comm.world)]
     names = {t.name for t in local}
     shares = split_tasks([t for t in tasks if t.name not in names], comm.world)
     mine = shares[comm.rank]
     reshard(target)
-    for task in local:  # element-wise methods: each rank merges its own rows, reading only those
-        box = _boxes(find_tensor(target, task.name), comm.world)[comm.rank]
-        if box is None:
-            continue
-        start, stop = box[0].start, box[0].stop
-        inputs = load_inputs(plan, task, read=lambda src, name, a=start, b=stop: src.get_rows(name, a, b))
-        merged = merge_task(plan, task, inputs)
-        with torch.no_grad():
-            dst = _local(find_tensor(target, task.name))
-            dst.copy_(merged.to(dst.device, dst.dtype))
+    failure = None
+    try:
+        for task in local:  # element-wise methods: each rank merges its own rows, reading only those
+            box = _boxes(find_tensor(target, task.name), comm.world)[comm.rank]
+            if box is None:
+                continue
+            start, stop = box[0].start, box[0].stop
+            inputs = load_inputs(plan, task, read=lambda src, name, a=start, b=stop: src.get_rows(name, a, b))
+            merged = merge_task(plan, task, inputs)
+            with torch.no_grad():
+                dst = local_part(find_tensor(target, task.name))
+                dst.copy_(merged.to(dst.device, dst.dtype))
+    except Exception as e:  # reported to every rank before anyone waits in the owner route's exchanges
+        if not comm.on:
+            raise
+        failure = _Failed(comm.rank, f"{type(e).__name__}: {e}")
+    if comm.on and local:
+        _check_round(comm, failure)
     if gathered is not None:
         gathered.full = gather_share(comm, target, shares)
     if plan.method.statistics_passes > 0:

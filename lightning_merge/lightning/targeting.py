@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, SourceError
 from ..sources.base import ModuleSource, Source, align
+from ..targets.module import is_dtensor
 
 
 class MergeSetupError(ConfigError, MisconfigurationException):
@@ -122,8 +123,7 @@ def check_materialized(trainer: pl.Trainer, name: str, target: nn.Module, sharde
                 reason = "on the meta device (not materialized: e.g. Trainer.init_module(empty_init=True))"
             elif hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
                 reason = "partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init)"
-            elif not sharded_ok and (type(t).__name__ == "DTensor"
-                                     or type(getattr(t, "data", None)).__name__ == "DTensor"):
+            elif not sharded_ok and is_dtensor(t):
                 reason = "sharded DTensors"
             if reason:
                 break

@@ -44,9 +44,19 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (FSDP2, tensor parallelism); a plain tensor as it is."""
-    return t.to_local() if type(t).__name__ == "DTensor" else t
+def is_dtensor(t: object) -> bool:
+    """A DTensor (FSDP2 shard, tensor-parallel piece), or a parameter wrapping one."""
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when any parameter of ``module`` is a DTensor (FSDP2, tensor parallelism)."""
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def local_part(t: Tensor) -> Tensor:
+    """A DTensor's local shard; a plain tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 class WeightBackup:
@@ -61,7 +71,7 @@ class WeightBackup:
         for name in names:
             t = find_tensor(module, name)
             if t is not None:
-                self.saved[name] = _local(t.detach()).to("cpu", copy=True)
+                self.saved[name] = local_part(t.detach()).to("cpu", copy=True)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +85,7 @@ class WeightBackup:
         for name, value in self.saved.items():
             t = find_tensor(self.module, name)
             if t is not None:
-                local = _local(t)
+                local = local_part(t)
                 local.copy_(value.to(local.device, local.dtype))
 
     def state_dict(self) -> dict[str, Tensor]:

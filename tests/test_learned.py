@@ -97,8 +97,9 @@ def test_dam_gradient_check_only_similarity_remains(vectors):
 def test_only_coefficients_train_everything_else_unchanged(zoo, tmp_path):
     m = LearnedMerge(zoo["base"], experts(zoo), granularity="tensor", lr=0.05)
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["coefficients.values.lambda"]
+    assert not m.bank.loaded and not list(m.bank.buffers())  # the experts are read when the trainer sets up
+    buffers = {k: v.clone() for k, v in m.load_bank().named_buffers()}
     frozen = {k: v.clone() for k, v in m.model.state_dict().items()}
-    buffers = {k: v.clone() for k, v in m.bank.named_buffers()}
     before = m.coefficients.values["lambda"].detach().clone()
     seen: list[list[str]] = []
 

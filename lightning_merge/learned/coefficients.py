@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .bank import ExpertBank, safe_key
-from .combine import combine
+from .combine import combine, reduce_to
 
 Granularity = Literal["task", "tensor", "column"]
 CoefficientFn = Literal["identity", "tanh", "sigmoid", "relu", "softmax"]
@@ -177,21 +177,45 @@ class Coefficients(nn.Module):
                 if s.trainable and s.axis is not None]
 
     # ---- merged tensors
-    def merged(self, bank: ExpertBank, name: str) -> Tensor:
-        """θ* of ``name`` in float32 (differentiable in the coefficients only)."""
+    def terms(self, bank: ExpertBank, name: str) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """``(C, X, O)`` of equation (1) of :mod:`.combine` for tensor ``name``: θ* = O + Σ_k C_k ⊙ X_k.
+
+        On a sharded bank the X are this rank's rows, and a coefficient vector that runs along the
+        rows (a norm weight, an HF ``Conv1D`` weight) is cut to the same rows."""
         idx, parts = bank.deltas(name)
         c = self.effective(name)
         base = bank.base(name)
         ndim = base.dim()
         if self.granularity != "column":
             coeffs = c[idx].reshape(len(idx), *([1] * ndim)) if idx else c[:0]
-            return combine(coeffs, parts, offset=base)
+            return coeffs, list(parts), base
         slot = self._slot[name]
         b = slot.broadcast_shape()
+        if slot.axis == 0 and name in bank.rows:
+            start, stop = bank.rows[name]
+            c, b[0] = c[:, start:stop], stop - start
         c = c.reshape(self.n_models, *b)
         total = c.sum(0, keepdim=True)  # Σ_m c_m multiplies θ₀ (θ_m = θ₀ + δ_m), base coefficient included
         coeffs = torch.cat([total, c[idx]], 0) if idx else total
-        return combine(coeffs, [base, *parts])
+        return coeffs, [base, *parts], None
+
+    def merged(self, bank: ExpertBank, name: str) -> Tensor:
+        """θ* of ``name`` in float32 (differentiable in the coefficients only)."""
+        coeffs, parts, offset = self.terms(bank, name)
+        return combine(coeffs, parts, offset=offset)
+
+    def pullback(self, bank: ExpertBank, name: str, grad: Tensor) -> Tensor:
+        """A scalar whose gradient in the raw coefficients is the chain rule of ∂ℓ/∂θ* = ``grad``
+        through θ*(c) (equation (2) of :mod:`.combine`): Σ_k ⟨C_k, reduce(grad ⊙ X_k)⟩ with the
+        reductions computed without a graph. Used where the forward ran on parameters that hold θ*
+        (a sharded model) instead of on θ*(c) itself."""
+        coeffs, parts, _ = self.terms(bank, name)
+        if not parts:
+            return coeffs.sum() * 0.0
+        g = grad.to(torch.float32)
+        with torch.no_grad():
+            gc = torch.stack([reduce_to(g * x.to(torch.float32), coeffs.shape[1:]) for x in parts])
+        return (coeffs * gc).sum()
 
     def merged_params(self, bank: ExpertBank, names: list[str] | None = None) -> dict[str, Tensor]:
         return {n: self.merged(bank, n) for n in (names or self.names)}

@@ -34,6 +34,7 @@ from ..lightning.diagnostics import group_of
 from ..sources.base import ModuleSource
 from ..targets.atomic import atomic_file
 from ..targets.hf import save_hf_folder
+from .sharded import gather_merged
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,13 @@ def iter_merged(module: Any, dtype: torch.dtype | None, *, target_only: bool = F
     ``target_only``: of the target submodule's state dict, names relative to it)."""
     root, prefix = (_target(module), "") if target_only else (module.model, module.prefix)
     aliases = ModuleSource(root).aliases
-    merged_names = set(module.bank.names)
+    bank = module.load_bank() if hasattr(module, "load_bank") else module.bank
+    merged_names = set(bank.names)
     for key, value in root.state_dict().items():
         kept = aliases.get(key, key)
         short = kept[len(prefix):] if kept.startswith(prefix) else None
         if short is not None and short in merged_names:
-            t = module.coefficients.merged(module.bank, short)
+            t = module.coefficients.merged(bank, short)
         else:
             t = value.detach()
         if dtype is not None and t.is_floating_point():
@@ -75,13 +77,37 @@ def iter_merged(module: Any, dtype: torch.dtype | None, *, target_only: bool = F
 def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dtype | None = torch.float32,
                  overwrite: bool = False, coefficients: bool = True, plot: bool = True,
                  target_only: bool = False) -> dict[str, Tensor] | Path:
-    """See :meth:`LearnedMerge.export <lightning_merge.learned.LearnedMerge.export>`."""
+    """See :meth:`LearnedMerge.export <lightning_merge.learned.LearnedMerge.export>`.
+
+    A sharded module (``ModelParallelStrategy``) is exported collectively: every rank calls this,
+    the tensors are gathered one at a time, rank 0 writes them (the others return ``path``)."""
+    sharded = bool(getattr(module, "_sharded", False))
+    merged = (lambda: gather_merged(module, dtype, target_only=target_only)) if sharded else (
+        lambda: iter_merged(module, dtype, target_only=target_only))
     if path is None:
-        return dict(iter_merged(module, dtype, target_only=target_only))
+        return dict(merged())
     from ..preflight import check_output
 
     inputs = list(getattr(module, "input_paths", []))
-    check_output(path, inputs, overwrite)
+    rank = _rank() if sharded else 0
+    problem = None
+    if rank == 0:
+        try:
+            check_output(path, inputs, overwrite)
+        except Exception as e:  # every rank must learn it before the gathers start
+            problem = e
+    if sharded:
+        import torch.distributed as dist
+
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise problem
+    if rank != 0:
+        for _ in merged():  # take part in every gather
+            pass
+        return Path(path)
     whole = not target_only or not module.target_name
     def finish(folder: Path) -> None:  # inside the temporary folder: the export appears whole
         if coefficients:
@@ -95,10 +121,16 @@ def export_model(module: Any, path: str | os.PathLike | None, *, dtype: torch.dt
         if config_dir is None and cfg is not None and hasattr(cfg, "save_pretrained"):
             cfg.save_pretrained(tmp)
             config_dir = tmp
-        out = save_hf_folder(iter_merged(module, dtype, target_only=target_only), path, config_dir=config_dir,
+        out = save_hf_folder(merged(), path, config_dir=config_dir,
                              overwrite=overwrite, inputs=inputs, finish=finish,
                              metadata={"lightning_merge_method": f"learned_{module.granularity}"})
     return out
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:

@@ -56,6 +56,7 @@ from ..sources.resolve import open_source
 from .bank import ExpertBank
 from .coefficients import CoefficientFn, Coefficients, Granularity
 from .config import STORAGE_DTYPES, build_model, check_args, check_path
+from .evaluation import MergedValidation
 from .objectives import (
     KLNormalization,
     dam_kl,
@@ -78,7 +79,7 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 __all__ = ["LearnedMerge"]
 
 
-class LearnedMerge(pl.LightningModule):
+class LearnedMerge(MergedValidation, pl.LightningModule):
     """Learn merge coefficients (see the module doc for the math, memory and DDP behaviour).
 
     Args:
@@ -178,8 +179,10 @@ class LearnedMerge(pl.LightningModule):
         finally:
             first.close()
         self.prefix = f"{self.target_name}." if self.target_name else ""
+        # laid out and checked now, read when the trainer sets the module up (shard-local when sharded)
         self.bank = ExpertBank.build(target_module, experts, base=base, storage_dtype=STORAGE_DTYPES[storage_dtype],
-                                     adopt=True, vocab_policy=vocab_policy)
+                                     adopt=True, vocab_policy=vocab_policy, load=False)
+        self._sharded = False
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.coefficients = Coefficients(
@@ -188,31 +191,68 @@ class LearnedMerge(pl.LightningModule):
         if granularity == "column" and not any(s.trainable for s in self.coefficients.slots):
             raise ConfigError(f"{who}: granularity='column' found no nn.Linear / Conv1D layers in target "
                               f"'{self.target_name}' to learn; use granularity='tensor'")
-        # every rank reads the same files: keep the frozen tensors out of DDP's broadcasts
-        self._ddp_params_and_buffers_to_ignore = [
-            n for n, _ in self.named_parameters() if not n.startswith("coefficients.")] + [
-            n for n, _ in self.named_buffers()]
         self.strict_loading = False
         self._val_params: dict[str, Tensor] | None = None
         self._val_sums: dict[str, Tensor] = {}
-        footprint = self.bank.nbytes()
-        log.info("%s: %d experts, %d tensors in '%s', %d coefficients; resident base %.1f MB, deltas %.1f MB",
-                 who, self.bank.n_experts, len(self.bank.names), self.target_name or "<model>",
-                 sum(p.numel() for p in self.coefficients.parameters()), footprint["base"] / 2**20,
-                 footprint["deltas"] / 2**20)
+
+    # ---- reading the experts: when the trainer sets the module up, or at first use
+    def load_bank(self) -> ExpertBank:
+        """Read the experts' task vectors now (once; the trainer does it in ``configure_model``)."""
+        if not self.bank.loaded:
+            self.bank.load()
+            # every rank reads the same files: keep the frozen tensors out of DDP's broadcasts
+            self._ddp_params_and_buffers_to_ignore = [
+                n for n, _ in self.named_parameters() if not n.startswith("coefficients.")] + [
+                n for n, _ in self.named_buffers()]
+            footprint = self.bank.nbytes()
+            log.info("%s: %d experts, %d tensors in '%s', %d coefficients; resident base %.1f MB, deltas %.1f MB",
+                     type(self).__name__, self.bank.n_experts, len(self.bank.names), self.target_name or "<model>",
+                     sum(p.numel() for p in self.coefficients.parameters()), footprint["base"] / 2**20,
+                     footprint["deltas"] / 2**20)
+        return self.bank
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard the model (FSDP2) and read the experts shard-local
+        (see :mod:`.sharded`); otherwise read them."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not self._sharded:
+            if self.bank.loaded:
+                raise ConfigError("LearnedMerge: the experts were already read unsharded (the module was used "
+                                  "before this ModelParallelStrategy run); build a new LearnedMerge for it")
+            from .sharded import shard_model
+
+            shard_model(self, mesh)
+            self._sharded = True
+        elif mesh is None:
+            self.load_bank()
 
     # ---- the merged model
     def merged_params(self) -> dict[str, Tensor]:
-        """θ*(c) of every target tensor, keyed by the model's names (float32, differentiable in c)."""
-        return {self.prefix + n: t for n, t in self.coefficients.merged_params(self.bank).items()}
+        """θ*(c) of every target tensor, keyed by the model's names (float32, differentiable in c).
+        Sharded: θ*(c) is written into the shards instead and ``{}`` returned (see :mod:`.sharded`)."""
+        if self._sharded:
+            from .sharded import write_merged
+
+            write_merged(self)
+            return {}
+        return {self.prefix + n: t for n, t in self.coefficients.merged_params(self.load_bank()).items()}
 
     @torch.no_grad()
     def expert_params(self, m: int) -> dict[str, Tensor]:
-        """θ₀ + δ_m of every target tensor (float32, no grad): expert m as the same model."""
-        return {self.prefix + n: t for n, t in self.bank.expert_params(m).items()}
+        """θ₀ + δ_m of every target tensor (float32, no grad): expert m as the same model.
+        Sharded: written into the shards, ``{}`` returned."""
+        if self._sharded:
+            from .sharded import write_expert
+
+            write_expert(self, m)
+            return {}
+        return {self.prefix + n: t for n, t in self.load_bank().expert_params(m).items()}
 
     def call(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any]) -> Any:
-        """Run the wrapped model with ``params`` in place of its target's tensors."""
+        """Run the wrapped model with ``params`` in place of its target's tensors (sharded: with the
+        weights last written into its shards)."""
+        if self._sharded:
+            return self.model(**dict(inputs))
         return functional_call(self.model, dict(params), args=(), kwargs=dict(inputs), tie_weights=True, strict=False)
 
     def forward(self, **inputs: Any) -> Any:
@@ -247,7 +287,6 @@ class LearnedMerge(pl.LightningModule):
     def objective_loss(self, batch: Any) -> Tensor:
         """The objective of one batch (without the regularizers)."""
         tasks = split_tasks(batch)
-        params = self.merged_params()
         terms: list[Tensor] = []
         if self.objective == "dam":
             expert_tasks = self.expert_tasks or list(tasks)[: self.bank.n_experts]
@@ -256,14 +295,22 @@ class LearnedMerge(pl.LightningModule):
                 raise ConfigError(f"LearnedMerge: objective='dam' needs a batch of each expert's task {expert_tasks}; "
                                   f"the batch has {list(tasks)} (use a per-task data module, e.g. "
                                   "PerTaskTokensDataModule, and set expert_tasks)")
-            for m, task in enumerate(expert_tasks):
-                inputs = model_inputs(tasks[task], labels=False)
-                z = logits_of(self.call(params, inputs))
+            batches = [model_inputs(tasks[task], labels=False) for task in expert_tasks]
+            teachers: list[Tensor | None] = [None] * len(batches)
+            if self._sharded:  # every teacher before the merged weights go back in for the students
                 with torch.no_grad():
-                    z_m = logits_of(self.call(self.expert_params(m), inputs))
+                    teachers = [logits_of(self.call(self.expert_params(m), b)) for m, b in enumerate(batches)]
+            params = self.merged_params()
+            for m, inputs in enumerate(batches):
+                z = logits_of(self.call(params, inputs))
+                z_m = teachers[m]
+                if z_m is None:
+                    with torch.no_grad():
+                        z_m = logits_of(self.call(self.expert_params(m), inputs))
                 terms.append(dam_kl(z, z_m, token_mask(z, inputs), temperature=self.temperature,
                                     normalization=self.kl_normalization))
         else:
+            params = self.merged_params()
             for b in tasks.values():
                 inputs = model_inputs(b, labels=self.objective == "task")
                 out = self.call(params, inputs)
@@ -289,6 +336,12 @@ class LearnedMerge(pl.LightningModule):
             terms.append(self.l2_weight * t)
         return torch.stack(terms).sum() if terms else None
 
+    def on_after_backward(self) -> None:
+        if self._sharded:
+            from .sharded import pull_back
+
+            pull_back(self)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         obj = self.objective_loss(batch)
         reg = self.regularization()
@@ -297,55 +350,6 @@ class LearnedMerge(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log(f"train/{self.objective}", obj, batch_size=size)
         return loss
-
-    # ---- validation: the merged model per task
-    def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._val_params = {k: v.detach() for k, v in self.merged_params().items()}
-        self._val_sums: dict[str, Tensor] = {}
-
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/acc_mean`` and ``val/entropy_mean``: the mean over the tasks of each task's
-        value over all its examples (summed over the ranks)."""
-        self._val_params = None
-        for metric in ("acc", "entropy"):
-            per_task = []
-            for key, sums in sorted(self._val_sums.items()):
-                if key.endswith(f"/{metric}"):
-                    total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
-                    per_task.append(total[0] / total[1].clamp_min(1))
-            if per_task:
-                self.log(f"val/{metric}_mean", torch.stack(per_task).mean(), add_dataloader_idx=False, sync_dist=True)
-        self._val_sums = {}
-
-    def _accumulate(self, key: str, values: Tensor) -> None:
-        sums = self._val_sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=values.device))
-        sums += torch.stack([values.double().sum(), torch.tensor(float(values.numel()), device=values.device)])
-
-    def _task_name(self, idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "val_task_names", None) or getattr(dm, "task_names", None) or []
-        return names[idx] if idx < len(names) else f"task{idx}"
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        params = self._val_params if self._val_params is not None else self.merged_params()
-        for task, b in split_tasks(batch).items():
-            name = task or self._task_name(dataloader_idx)
-            inputs = model_inputs(b, labels=True)
-            out = self.call(params, inputs)
-            z = logits_of(out)
-            size = len(z)
-            kw = dict(on_epoch=True, add_dataloader_idx=False, sync_dist=True, batch_size=size)
-            h = entropy(z, token_mask(z, inputs))
-            self.log(f"val/{name}/entropy", h, **kw)
-            self._accumulate(f"{name}/entropy", h.detach().expand(size))
-            labels = inputs.get("labels")
-            if isinstance(labels, Tensor):
-                self.log(f"val/{name}/loss", task_loss(out, inputs), **kw)
-                if z.dim() == 2 and labels.dim() == 1:
-                    hits = (z.argmax(-1) == labels).float()
-                    self.log(f"val/{name}/acc", hits.mean(), **kw)
-                    self._accumulate(f"{name}/acc", hits)
 
     # ---- optimization, checkpoints, export
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -360,8 +364,8 @@ class LearnedMerge(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if not k.startswith("coefficients.")]:
-            del sd[k]  # the base and the experts are read again from their paths
+        for k in [k for k in sd if not k.startswith("coefficients.") and not self._sharded]:
+            del sd[k]  # the base and the experts are read again from their paths (sharded: see .sharded)
         checkpoint["learned_merge"] = self.layout()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -378,7 +382,7 @@ class LearnedMerge(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.export_dir is None:
             return
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero or self._sharded:  # sharded: every rank gathers, rank 0 writes
             self.export(self.export_dir, overwrite=self.overwrite)
         self.trainer.strategy.barrier("learned_merge_export")
 

@@ -1,0 +1,98 @@
+"""``LearnedMerge`` fitted under a real ``Trainer(strategy=ModelParallelStrategy(...))`` on CPU (gloo).
+Run as a script (Lightning's launcher starts the other ranks by running it again). Usage:
+``python learned_sharded_script.py ZOO_DIR OUT_DIR WORLD GRANULARITY OBJECTIVE [resume]``.
+
+Every rank reads examples r, r + W, ... of the 12 (so the ranks' batches together are the
+1-process batch of 6), fits 2 epochs (3 with ``resume``, continuing from the distributed
+checkpoint folder of the 2-epoch run), writes its coefficients, its bank's footprint and, on
+rank 0, the exported merged model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from safetensors.torch import save_file
+from test_learned_helpers import token_batches
+
+from lightning_merge.learned import LearnedMerge
+
+
+class RankShard(torch.utils.data.Sampler):
+    """Rank r of w reads examples r, r + w, ... in order."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @staticmethod
+    def _where() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def __iter__(self):
+        rank, world = self._where()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        return self.n // self._where()[1]
+
+
+class Dump(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        save_file({k: v.detach().contiguous() for k, v in pl_module.coefficients.values.items()},
+                  str(self.out / f"rank{rank}.safetensors"))
+        (self.out / f"bank{rank}.json").write_text(json.dumps({**pl_module.bank.nbytes(),
+                                                               "sharded": pl_module.bank.sharded}))
+
+
+class PerTask(torch.utils.data.Dataset):
+    """{task: example} items (the dam objective pairs each expert with its task's batch)."""
+
+    def __init__(self, base, tasks) -> None:
+        self.base, self.tasks = base, tasks
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return {t: self.base[(i + k) % len(self.base)] for k, t in enumerate(self.tasks)}
+
+
+def main(zoo: Path, out: Path, world: int, granularity: str, objective: str, resume: bool) -> None:
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)
+    experts = [str(zoo / "e0"), str(zoo / "e1"), str(zoo / "lora")]
+    data = token_batches(n=12).dataset
+    tasks = ["a", "b", "c"]
+    if objective == "dam":
+        data = PerTask(data, tasks)
+    loader = torch.utils.data.DataLoader(data, batch_size=6 // world, sampler=RankShard(12))
+    module = LearnedMerge(str(zoo / "base"), experts, granularity=granularity, objective=objective, lr=0.05,
+                          expert_tasks=tasks if objective == "dam" else None, kl_normalization="per_token",
+                          export_dir=str(out / "export"), overwrite=True)
+    ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True)
+    sharded = world > 1 or os.environ.get("LM_FORCE_MP")  # LM_FORCE_MP=1: the sharded code path on 1 rank
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if sharded else "auto"
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=3 if resume else 2,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, use_distributed_sampler=False, deterministic=True,
+                         callbacks=[Dump(out), ckpt], default_root_dir=str(out))
+    trainer.fit(module, train_dataloaders=loader,
+                ckpt_path=str(out.parent / "first" / "ckpt" / "last.ckpt") if resume else None)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
+         len(sys.argv) > 6 and sys.argv[6] == "resume")

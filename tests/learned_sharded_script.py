@@ -1,6 +1,8 @@
 """``LearnedMerge`` fitted under a real ``Trainer(strategy=ModelParallelStrategy(...))`` on CPU (gloo).
 Run as a script (Lightning's launcher starts the other ranks by running it again). Usage:
-``python learned_sharded_script.py ZOO_DIR OUT_DIR WORLD GRANULARITY OBJECTIVE [resume]``.
+``python learned_sharded_script.py ZOO_DIR OUT_DIR WORLD GRANULARITY OBJECTIVE [resume]``, or
+``python learned_sharded_script.py ZOO_DIR OUT_DIR WORLD sens``: a SensMergeCallback calibrating
+and merging into the sharded classifier in ``validate`` (factors and merged weights written).
 
 Every rank reads examples r, r + W, ... of the 12 (so the ranks' batches together are the
 1-process batch of 6), fits 2 epochs (3 with ``resume``, continuing from the distributed
@@ -93,6 +95,59 @@ def main(zoo: Path, out: Path, world: int, granularity: str, objective: str, res
                 ckpt_path=str(out.parent / "first" / "ckpt" / "last.ckpt") if resume else None)
 
 
-if __name__ == "__main__":
+class Classifier(pl.LightningModule):
+    """The tiny classifier, sharded (blocks, then the model) when the strategy gives a mesh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from test_learned_helpers import classifier
+
+        self.model = classifier(0)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+
+
+class DumpWeights(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
+              for k, v in pl_module.model.state_dict().items()}
+        if trainer.is_global_zero:
+            save_file(sd, str(self.out / "merged.safetensors"))
+
+
+def main_sens(zoo: Path, out: Path, world: int) -> None:
+    from test_learned_sens import sens_data
+
+    from lightning_merge.learned import SensMergeCallback
+
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)
+    cb = SensMergeCallback([str(zoo / "e0"), str(zoo / "e1"), str(zoo / "lora")], "ties",
+                           method_params={"density": 0.5}, calibration_batches=2, temperature=0.5,
+                           factors_out=str(out / "factors.json"), target="model")
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, callbacks=[cb, DumpWeights(out)],
+                         default_root_dir=str(out))
+    trainer.validate(Classifier(), datamodule=sens_data())
+
+
+if __name__ == "__main__" and sys.argv[4] == "sens":
+    main_sens(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+elif __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
          len(sys.argv) > 6 and sys.argv[6] == "resume")

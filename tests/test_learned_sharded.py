@@ -86,3 +86,27 @@ def test_tensor_entropy_on_three_shards_resumes_from_checkpoint_folder(zoo, tmp_
     assert max((first[k] - coefficients(resumed)[k]).abs().max().item() for k in first) > 1e-2  # it trained on
     uneven = [json.loads((resumed / f"bank{r}.json").read_text())["base"] for r in range(3)]
     assert len(set(uneven)) > 1  # the rows do not split evenly over 3 ranks
+
+
+def sens(zoo: Path, out: Path, world: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, str(HERE / "learned_sharded_script.py"), str(zoo), str(out), str(world),
+                          "sens"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+def test_sens_calibration_on_two_shards_equals_one_process(zoo, tmp_path):
+    """SensMergeCallback calibrates on the FSDP2 module (each rank |w ⊙ g| of its rows, summed) and
+    merges into the shards: factors and weights as in 1 process (float32 summation order: ~5e-8)."""
+    one, two = sens(zoo, tmp_path / "one", 1), sens(zoo, tmp_path / "two", 2)
+    a, b = (json.loads((d / "factors.json").read_text()) for d in (one, two))
+    for key in ("sensitivity", "distance", "sigma"):
+        x, y = torch.tensor(a[key]), torch.tensor(b[key])
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (key, (x - y).abs().max())
+    assert len({round(v, 4) for row in a["sigma"] for v in row}) > 1  # not uniform: the calibration mattered
+    wa, wb = load_file(str(one / "merged.safetensors")), load_file(str(two / "merged.safetensors"))
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k

@@ -65,7 +65,7 @@ GroupBy = Literal["layer", "tensor"]
 CombineMode = Literal["softmax", "product"]
 Call = Callable[[dict[str, Tensor], Mapping[str, Any]], Any]
 
-__all__ = ["SensFactors", "compute_sens_factors", "sens_factors", "sens_statistics"]
+__all__ = ["FunctionalRunner", "SensFactors", "compute_sens_factors", "sens_factors", "sens_statistics"]
 
 
 @dataclass
@@ -153,16 +153,44 @@ def _groups(names: Sequence[str], group_by: GroupBy) -> tuple[list[str], dict[st
     return list(dict.fromkeys(mapping.values())), mapping
 
 
-def sens_statistics(bank: ExpertBank, call: Call, data: Mapping[str, Iterable[Mapping[str, Any]]],
+class FunctionalRunner:
+    """Runs expert m as the target through ``call(params, inputs)``, θ_m = θ₀ + δ_m as float32 leaf
+    tensors (one model copy and its gradient). :class:`~lightning_merge.learned.sharded.ShardedRunner`
+    does the same on an FSDP2 module, writing θ_m into its shards."""
+
+    def __init__(self, bank: ExpertBank, call: Call) -> None:
+        self.bank, self.call = bank, call
+
+    def expert_grads(self, m: int, batch: Mapping[str, Any]) -> tuple[Tensor, list[tuple[str, Tensor, Tensor]]]:
+        """Expert m's logits on ``batch`` (detached, float32) and ``(name, θ_m, ∂L/∂θ_m)`` per tensor."""
+        params = self.bank.expert_params(m, requires_grad=True)
+        with torch.enable_grad():
+            out = self.call(params, batch)
+            loss = task_loss(out, batch)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        found = [(name, p.detach(), g) for (name, p), g in zip(params.items(), grads) if g is not None]
+        return logits_of(out).detach().float(), found
+
+    @torch.no_grad()
+    def expert_logits(self, i: int, inputs: Mapping[str, Any]) -> Tensor:
+        return logits_of(self.call(self.bank.expert_params(i), inputs)).float()
+
+    def total(self, sens: Tensor) -> Tensor:
+        """The sensitivities summed over the workers that each saw part of every tensor (here one)."""
+        return sens
+
+
+def sens_statistics(bank: ExpertBank, call: Call | Any, data: Mapping[str, Iterable[Mapping[str, Any]]],
                     expert_tasks: Sequence[str], *, max_batches: int = 8,
                     sensitivity_weight: SensitivityWeight = "full",
                     group_by: GroupBy = "layer") -> tuple[Tensor, Tensor, list[str], dict[str, str]]:
     """The calibration pass: (s [N, L], d [N, N], groups, tensor -> group); see the module doc.
 
     ``call(params, inputs)`` runs the model with ``params`` (the bank's names) in place of the
-    target's tensors. Per batch of task i: one forward+backward of expert i (θ_i as float32 leaf
-    tensors: one model copy and its gradient) and N − 1 no-grad forwards of the other experts.
+    target's tensors (or ``call`` is a runner: :class:`FunctionalRunner`'s three methods). Per
+    batch of task i: one forward+backward of expert i and N − 1 no-grad forwards of the others.
     """
+    runner = call if hasattr(call, "expert_grads") else FunctionalRunner(bank, call)
     n = bank.n_experts
     groups, mapping = _groups(bank.names, group_by)
     gi = {g: k for k, g in enumerate(groups)}
@@ -174,26 +202,19 @@ def sens_statistics(bank: ExpertBank, call: Call, data: Mapping[str, Iterable[Ma
         for k, batch in enumerate(data[task]):
             if k >= max_batches:
                 break
-            params = bank.expert_params(m, requires_grad=True)
-            with torch.enable_grad():
-                out = call(params, batch)
-                loss = task_loss(out, batch)
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            z_m, found = runner.expert_grads(m, batch)
             with torch.no_grad():
-                for (name, p), g in zip(params.items(), grads):
-                    if g is None:
-                        continue
+                for name, p, g in found:
                     w = p if sensitivity_weight == "full" else bank.delta(m, name)
                     if w is not None:
                         sens[m, gi[mapping[name]]] += float((w.to(torch.float32) * g).abs().sum())
-                z_m = logits_of(out).detach().float()
-                del params, grads, out
+                del found
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 mask = token_mask(z_m, inputs)
                 for i in range(n):
                     if i == m:
                         continue
-                    z_i = logits_of(call(bank.expert_params(i), inputs)).float()
+                    z_i = runner.expert_logits(i, inputs)
                     per = (z_i - z_m).norm(dim=-1)
                     dist[i, m] += float(per[mask].mean() if mask is not None else per.mean())
                     counts[i, m] += 1
@@ -201,6 +222,7 @@ def sens_statistics(bank: ExpertBank, call: Call, data: Mapping[str, Iterable[Ma
         if batches == 0:
             raise ConfigError(f"Sens-Merging: task '{task}' (expert {m}) gave no calibration batch")
         sens[m] /= batches
+    sens = runner.total(sens)
     dist = torch.where(counts > 0, dist / counts.clamp_min(1), torch.zeros_like(dist))
     return sens, dist, groups, mapping
 

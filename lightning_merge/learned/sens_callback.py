@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader
 from ..engine import MergePlan, TensorTask
 from ..errors import ConfigError
 from ..lightning.callback import MergeCallback
-from ..lightning.targeting import MergeSetupError
 from ..methods.base import MergeMethod, TensorInputs
 from ..methods.registry import get_method
 from ..sources.base import Source
+from ..targets.module import is_sharded
 from .bank import ExpertBank
 from .sens import CombineMode, GroupBy, SensFactors, SensitivityWeight, compute_sens_factors
 
@@ -183,11 +183,6 @@ class SensMergeCallback(MergeCallback):
 
     def _plan(self, trainer: pl.Trainer, target: nn.Module, experts: list[Source], sources: list[Source],
               sharded: bool = False) -> tuple[MergePlan, list[TensorTask], Any]:
-        if sharded and self.factors_path is None:
-            raise MergeSetupError(
-                f"{type(self).__name__}: the sensitivity calibration pass does not run on a sharded (FSDP2) module "
-                "yet; calibrate once with strategy='ddp' or one device (factors_out='factors.json'), then merge "
-                "under ModelParallelStrategy with factors='factors.json'")
         plan, tasks, gathered = super()._plan(trainer, target, experts, sources, sharded)
         if self.factors_path is None:
             self.factors = self._calibrate(trainer, target, plan)
@@ -206,21 +201,28 @@ class SensMergeCallback(MergeCallback):
             raise ConfigError(f"{who}: {n} experts but the data module has only the tasks {list(loaders)}; "
                               "set expert_tasks")
         device = next(iter(target.parameters())).device
-        bank = ExpertBank(target, plan, adopt=False).to(device)
+        bank = ExpertBank(target, plan, adopt=False).to(device)  # a sharded target: this rank's rows
+        runner: Any
+        if is_sharded(target):
+            from .sharded import ShardedRunner
 
-        def call(params: dict[str, Tensor], inputs: Mapping[str, Any]) -> Any:
-            moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-            return functional_call(target, params, args=(), kwargs=moved, tie_weights=True, strict=False)
+            runner = ShardedRunner(target, bank, device)
+        else:
+            def runner(params: dict[str, Tensor], inputs: Mapping[str, Any]) -> Any:
+                moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+                return functional_call(target, params, args=(), kwargs=moved, tie_weights=True, strict=False)
 
         was_training = target.training
         target.eval()  # no dropout noise in the sensitivities
         try:
             factors = compute_sens_factors(
-                bank, call, loaders, tasks, max_batches=self.sens["calibration_batches"],
+                bank, runner, loaders, tasks, max_batches=self.sens["calibration_batches"],
                 sensitivity_weight=self.sens["sensitivity_weight"], group_by=self.sens["group_by"],
                 layer_temperature=self.sens["layer_temperature"], cross_temperature=self.sens["cross_temperature"],
                 temperature=self.sens["temperature"], combine=self.sens["combine"])
         finally:
+            if hasattr(runner, "close"):
+                runner.close()  # the sharded target gets θ₀ back before the merge reads it
             target.train(was_training)
             del bank
         return factors

@@ -44,7 +44,7 @@ from ..targets.module import local_part, reshard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["blocks_of", "gather_merged", "pull_back", "shard_model", "write_expert", "write_merged"]
+__all__ = ["ShardedRunner", "blocks_of", "gather_merged", "pull_back", "shard_model", "write_expert", "write_merged"]
 
 
 def blocks_of(model: nn.Module, target: nn.Module) -> list[nn.Module]:
@@ -83,23 +83,90 @@ def shard_model(lm: Any, mesh: Any) -> None:
 
 
 @torch.no_grad()
-def _write(lm: Any, value: Any) -> None:
-    reshard(lm.model)
-    target = lm.bank.target
-    for n in lm.bank.names:
-        dst = local_part(target.get_parameter(n))
+def _write(root: nn.Module, bank: Any, value: Any) -> None:
+    reshard(root)
+    for n in bank.names:
+        dst = local_part(bank.target.get_parameter(n))
         if dst.numel():
             dst.copy_(value(n).to(dst.device, dst.dtype))
 
 
 def write_merged(lm: Any) -> None:
     """θ*(c) into every rank's shards (no graph)."""
-    _write(lm, lambda n: lm.coefficients.merged(lm.bank, n).detach())
+    _write(lm.model, lm.bank, lambda n: lm.coefficients.merged(lm.bank, n).detach())
 
 
 def write_expert(lm: Any, m: int) -> None:
     """θ₀ + δ_m (expert m) into every rank's shards."""
-    _write(lm, lambda n: lm.bank.expert_tensor(m, n))
+    _write(lm.model, lm.bank, lambda n: lm.bank.expert_tensor(m, n))
+
+
+class ShardedRunner:
+    """The Sens-Merging calibration runner (:class:`~lightning_merge.learned.sens.FunctionalRunner`'s
+    methods) on an FSDP2 module: expert m is written into the shards (θ₀ rows + δ_m rows of this
+    rank), run forward and backward through the sharded module, and each rank reads |w ⊙ g| of its
+    rows; :meth:`total` sums the sensitivities over the ranks. Every rank runs the same calibration
+    batches (the data module's own loaders), so FSDP2's mean gradient is the 1-process gradient.
+    :meth:`close` writes θ₀ back and restores ``requires_grad``.
+
+    ``target`` must be an FSDP2 module (``fully_shard`` applied to it): its forward gathers what it
+    holds. Per rank: the bank's rows ((1 + Σ_m changed δ_m) P / W) and the gradient shards (P / W)."""
+
+    def __init__(self, target: nn.Module, bank: Any, device: torch.device) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(target, FSDPModule):
+            raise ConfigError(f"Sens-Merging calibration on a sharded module needs the merge target "
+                              f"({type(target).__name__}) to be an FSDP2 module itself (fully_shard(target)); "
+                              "shard it that way, or pass precomputed factors=...")
+        self.target, self.bank, self.device = target, bank, device
+        self.grad_flags = {n: target.get_parameter(n).requires_grad for n in bank.names}
+        for p in target.parameters():
+            p.grad = None
+
+    def _run(self, inputs: Any) -> Any:
+        moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        return self.target(**moved)
+
+    def expert_grads(self, m: int, batch: Any) -> tuple[Tensor, list[tuple[str, Tensor, Tensor]]]:
+        from .objectives import logits_of, task_loss
+
+        _write(self.target, self.bank, lambda n: self.bank.expert_tensor(m, n))
+        for n in self.bank.names:
+            self.target.get_parameter(n).requires_grad_(True)
+        with torch.enable_grad():
+            out = self._run(batch)
+            task_loss(out, batch).backward()
+        found = []
+        for n in self.bank.names:
+            p = self.target.get_parameter(n)
+            if p.grad is not None and local_part(p.grad).numel():
+                found.append((n, self.bank.expert_tensor(m, n), local_part(p.grad).detach().to(torch.float32)))
+        for p in self.target.parameters():
+            p.grad = None
+        return logits_of(out).detach().float(), found
+
+    @torch.no_grad()
+    def expert_logits(self, i: int, inputs: Any) -> Tensor:
+        from .objectives import logits_of
+
+        _write(self.target, self.bank, lambda n: self.bank.expert_tensor(i, n))
+        return logits_of(self._run(inputs)).float()
+
+    def total(self, sens: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return sens
+        dev = self.device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
+        buf = sens.to(dev)
+        dist.all_reduce(buf)
+        return buf.to(sens.device)
+
+    def close(self) -> None:
+        _write(self.target, self.bank, self.bank.base)
+        for n, flag in self.grad_flags.items():
+            self.target.get_parameter(n).requires_grad_(flag)
 
 
 def pull_back(lm: Any) -> None:

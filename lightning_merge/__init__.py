@@ -2,24 +2,9 @@
 
 from .api import merge_models
 from .errors import ConfigError, IncompatibleTensorError, MergeError, SourceError
-from .methods import (
-    DPPA,
-    AdaptiveRMS,
-    Breadcrumbs,
-    BreadcrumbsTies,
-    DareLinear,
-    DareTies,
-    Della,
-    DellaLinear,
-    Linear,
-    MergeMethod,
-    ModelStock,
-    Slerp,
-    TaskArithmetic,
-    Ties,
-    get_method,
-    method_names,
-)
+from .methods import METHOD_CLASSES, MergeMethod, get_method, method_names
+
+globals().update(METHOD_CLASSES)  # every built-in method class: Ties, DareTies, NuSlerp, ...
 
 __version__ = "0.1.0"
 
@@ -41,35 +26,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
 
 
-__all__ = [
-    "DPPA",
-    "DPPAAlphaSearch",
-    "AdaptiveRMS",
-    "Breadcrumbs",
-    "BreadcrumbsTies",
-    "ConfigError",
-    "DareLinear",
-    "DareTies",
-    "Della",
-    "DellaLinear",
-    "IncompatibleTensorError",
-    "LearnedMerge",
-    "Linear",
-    "MergeError",
-    "MergeCallback",
-    "MergeSearch",
-    "MergeMethod",
-    "ModelStock",
-    "PerTaskTokensDataModule",
-    "SensFactors",
-    "SensMergeCallback",
-    "SensScaled",
-    "SourceError",
-    "Slerp",
-    "TaskArithmetic",
-    "Ties",
-    "compute_sens_factors",
-    "get_method",
-    "merge_models",
-    "method_names",
+__all__ = sorted(METHOD_CLASSES) + [
+    "ConfigError", "DPPAAlphaSearch", "IncompatibleTensorError", "LearnedMerge", "MergeCallback", "MergeError",
+    "MergeMethod", "MergeSearch", "PerTaskTokensDataModule", "SensFactors", "SensMergeCallback", "SensScaled",
+    "SourceError", "compute_sens_factors", "get_method", "merge_models", "method_names",
 ]

@@ -39,7 +39,8 @@ recipe.merge("out/", seed=0)              # calls lightning_merge.merge_models
 | `tokenizer_source` | absent or `base`: the base model's tokenizer files are copied; resized embeddings are truncated to the base vocabulary (what mergekit gives when the experts' vocabularies extend the base's by appending tokens). `union` or a model: refused (not supported yet) |
 | `tokenizer` | `{source: base}` as above; `tokens` and other sources are refused |
 | `seed` | (ours; mergekit ignores it) the seed of DARE/DELLA, overridden by `--seed`; default 0 |
-| `slices`, `modules`, `chat_template` | refused: layer slicing (frankenmerges) is not supported yet; set a chat template on the tokenizer after merging |
+| `slices` | one slice taking every layer of every source (mergekit's README form): the `models:` merge, source parameters per model, slice parameters over the global ones (`lightning_merge.mergekit_slices`); layer-range slices (sub-ranges, several slices, frankenmerges) refused |
+| `modules`, `chat_template` | refused: per-module merges are not supported yet; set a chat template on the tokenizer after merging |
 
 Relative paths are read relative to the working directory (as mergekit does), else relative to
 the YAML file's folder.
@@ -78,8 +79,16 @@ by matching its L1 norm to the unpruned delta's, per whole tensor (`sparsify.res
 | `della_linear` | `DellaLinear(...same..., normalize=normalize [false])` |
 | `slerp` | `Slerp(t=t)` (`t` required, as in mergekit); base = `base_model`, expert = the one other model |
 | `model_stock` | `ModelStock(filter_wise=filter_wise [false])`; at least 2 models besides `base_model`; no `weight` |
+| `ram` | `Ram(epsilon=epsilon [1e-5])`; base = `base_model`; no `weight` |
+| `ramplus_tl` | `RamPlusTL(r=r [0.1], alpha=alpha [0.2], epsilon=epsilon [1e-5])`; base = `base_model`; no `weight` |
+| `passthrough` | `Passthrough(scale=scale [none: copy])`, `scale` per model or global (filters, gradients); exactly one model; `base_model` absent or equal to it; no `weight`. The `slices:` form is a config form, not this method |
 | `int8_mask` | accepted by the task-arithmetic family, no effect (it only changes mergekit's mask dtype) |
-| `nuslerp`, `multislerp`, `karcher`, `passthrough`, `arcee_fusion`, `nearswap`, `sce`, `ram`, `ramplus_tl` | refused (not implemented) |
+| `sce` | `Sce(select_topk=select_topk [1.0], uniform_below=1e-6)`; base = `base_model`; `int8_mask` no effect; no `weight`, no `normalize` (mergekit's sce has neither: it ignores them) |
+| `nearswap` | `Nearswap(t=t)` (`t` required); base = `base_model`, exactly one other model; no `weight` |
+| `arcee_fusion` | `ArceeFusion(quantile_sample=1000000)`; base = `base_model`, exactly one other model; no parameters, no `weight` |
+| `nuslerp` | `NuSlerp(dim=None if nuslerp_flatten [true] else (0 if nuslerp_row_wise [false] else -1), task_vectors=<base_model given>)`, `t = w₂/(w₁+w₂)` from the per-model `weight`; exactly 2 models besides `base_model` (optional: with it the task vectors are interpolated) |
+| `multislerp` | `MultiSlerp(normalize_weights=normalize_weights [true], eps=eps [1e-8], task_vectors=<base_model given>)`, weights `w`; at least 1 model besides `base_model` (optional, as for `nuslerp`) |
+| `karcher` | `Karcher(max_iter=max_iter [10], tol=tol [1e-5])`; no `weight`; as for `linear`, an unlisted `base_model` is one more input |
 
 Per-model parameters (`weight`, `density`, `epsilon`, `gamma`) become per-expert lists
 (`Della(epsilon=[0.2, 0.4])`); shared ones (`lambda`, `normalize`, `rescale`, `int8_mask`, `t`,
@@ -120,6 +129,7 @@ Per-model parameters (`weight`, `density`, `epsilon`, `gamma`) become per-expert
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -132,6 +142,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .mergekit_slices import slices_as_models
 from .methods.base import MergeMethod
 from .methods.registry import MERGEKIT_0_1_5, mergekit_specs, method_class
 from .methods.yaml_spec import REQUIRED, MergekitSpec, YamlParam, collapse
@@ -450,12 +461,11 @@ def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
     unknown = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown top-level key; valid keys: {list(TOP_LEVEL_KEYS)}")
-    for k in ("slices", "modules"):
-        if cfg.get(k):
-            raise ConfigError(
-                f"{k}: layer-slicing configs (frankenmerges, per-module merges) are not supported yet; "
-                "use 'models:' with whole models"
-            )
+    if cfg.get("modules"):
+        raise ConfigError("modules: per-module merges are not supported yet; use 'models:' or one whole-model "
+                          "'slices:' entry")
+    if cfg.get("slices"):
+        cfg = slices_as_models(cfg, paths)
     if not isinstance(cfg.get("merge_method"), str):
         raise ConfigError("merge_method: missing; e.g. 'merge_method: ties'")
     spec = _spec_for(cfg["merge_method"])
@@ -481,9 +491,11 @@ def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
         notes: list[str] = []
         if base_ref is not None and not any(is_base):
             experts.append(_Entry(base_ref, {}, "base_model"))
+            weight = (" (weight: the global 'parameters.weight', default 1.0)" if "weight" in spec.params
+                      else "")
             notes.append(
-                f"{spec.name}: base_model is averaged as one more input, as in mergekit (weight: the global "
-                "'parameters.weight', default 1.0); drop base_model to average only the listed models"
+                f"{spec.name}: base_model is averaged as one more input, as in mergekit{weight}; drop "
+                "base_model to average only the listed models"
             )
         donor = base_ref
         if donor is None:
@@ -509,12 +521,21 @@ def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
         want = (f"exactly {spec.min_experts}" if spec.max_experts == spec.min_experts
                 else f"at least {spec.min_experts}")
         extra = " (slerp interpolates base_model and one other model)" if spec.name == "slerp" else ""
-        raise ConfigError(f"models: '{spec.name}' needs {want} model(s) besides base_model, got {n}{extra}")
+        besides = " besides base_model"
+        if spec.base == "input":  # passthrough: base_model is an input (mergekit adds it when not listed)
+            besides = ""
+            if base_ref is not None and not any(is_base):
+                extra += (" (base_model is not one of the listed models, so it is one more input, as in "
+                          "mergekit; remove base_model or set it to the listed model)")
+            elif spec.name == "passthrough":
+                extra += " (passthrough copies one model; 'linear' averages several)"
+        raise ConfigError(f"models: '{spec.name}' needs {want} model(s){besides}, got {n}{extra}")
     for pk, p in spec.params.items():
         if p.default is _REQUIRED and pk not in gparams and not p.per_model:
-            raise ConfigError(f"parameters.{pk}: '{spec.name}' needs '{pk}'" + _REQUIRED_HINTS.get(pk, ""))
+            raise ConfigError(f"parameters.{pk}: '{spec.name}' needs '{pk}'"
+                              + _REQUIRED_HINTS.get(f"{spec.name}.{pk}", _REQUIRED_HINTS.get(pk, "")))
 
-    resolver = _Resolver(spec, gparams, experts)
+    resolver = _Resolver(spec, gparams, experts, has_base=base_ref is not None)
     our_name, kwargs, weights = resolver.resolve(None, 0.0, notes)
     try:
         method = _build_method(our_name, kwargs, f"merge_method '{spec.name}'")
@@ -533,7 +554,9 @@ def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
 
 
 _REQUIRED_HINTS = {"t": " (the interpolation factor: 0 = base_model, 1 = the other model), e.g. "
-                        "'parameters: {t: 0.5}'"}
+                        "'parameters: {t: 0.5}'",
+                   "nearswap.t": " (the largest step of an entry from base_model toward the other model), "
+                                 "e.g. 'parameters: {t: 0.0001}'"}
 
 
 @dataclass(frozen=True)
@@ -776,31 +799,61 @@ def _blame(message: str, gparams: dict[str, Any], experts: list[_Entry]) -> str:
     return f" [set by: {', '.join(hits)}]" if hits else " [mergekit's defaults]"
 
 
+def _mergekit_param_names() -> set[str]:
+    """Every parameter name some mergekit 0.1.5 method reads (from the registered specs)."""
+    return {k for _, spec in mergekit_specs().values() for k in spec.params}
+
+
+def _did_you_mean(pk: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(pk, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _check_param_names(spec: _Spec, gparams: dict[str, Any], entries: list[_Entry]) -> None:
+    """Refuse a parameter no mergekit method knows (with a did-you-mean); one warning for those
+    mergekit accepts and this method ignores (``weight`` on ``slerp``, ``density`` left on a
+    ``linear`` model, a global parameter given per model), which are then dropped."""
     per_model = sorted(k for k, p in spec.params.items() if p.per_model)
-    for pk in gparams:
+    known = set() if spec.native else _mergekit_param_names()  # our own methods: mergekit has no say
+    ignored: list[str] = []
+    for pk in list(gparams):
         if pk not in spec.params:
-            raise ConfigError(f"parameters.{pk}: unknown parameter for '{spec.name}'; valid: "
-                              f"{sorted(spec.params)}{_hint(pk)}")
+            if pk not in known:
+                raise ConfigError(f"parameters.{pk}: unknown parameter for '{spec.name}'; valid: "
+                                  f"{sorted(spec.params)}{_hint(pk) or _did_you_mean(pk, list(spec.params))}")
+            ignored.append(f"parameters.{pk}")
+            del gparams[pk]
     for e in entries:
-        for pk in e.params:
+        for pk in list(e.params):
             if pk not in spec.params:
-                raise ConfigError(f"{e.key}.{pk}: unknown parameter for '{spec.name}'; valid per-model "
-                                  f"parameters: {per_model}{_hint(pk)}")
-            if not spec.params[pk].per_model:
-                raise ConfigError(f"{e.key}.{pk}: '{pk}' is a global parameter of '{spec.name}' (mergekit "
-                                  "ignores it per model); move it to the top-level 'parameters:'")
+                if pk not in known:
+                    raise ConfigError(f"{e.key}.{pk}: unknown parameter for '{spec.name}'; valid per-model "
+                                      f"parameters: {per_model}{_hint(pk) or _did_you_mean(pk, per_model)}")
+                ignored.append(f"{e.key}.{pk}")
+                del e.params[pk]
+            elif not spec.params[pk].per_model and spec.native:
+                raise ConfigError(f"{e.key}.{pk}: '{pk}' is a global parameter of '{spec.name}'; move it to the "
+                                  "top-level 'parameters:'")
+            elif not spec.params[pk].per_model:
+                ignored.append(f"{e.key}.{pk} (a global parameter of '{spec.name}': set it under the top-level "
+                               "'parameters:')")
+                del e.params[pk]
+    if ignored:
+        log.warning("'%s' ignores %s, as mergekit does; they have no effect on this merge", spec.name,
+                    ", ".join(ignored))
 
 
 def _hint(pk: str) -> str:
     if pk == "lambda_":
         return "; the YAML spells it 'lambda'"
     if pk in ("rank_scope", "prob_formula", "trim_scope", "trim_rule", "zero_sign", "election", "divisor",
-              "extra_trim_density", "dot_threshold"):
+              "extra_trim_density", "dot_threshold", "task_vectors"):
         return ("; it is a lightning_merge option with no mergekit equivalent: set it through the Python API "
                 "(lightning_merge.merge_models)")
     if pk == "weights":
         return "; give 'weight' per model"
+    if pk == "dim":
+        return "; nuslerp spells it 'nuslerp_flatten: false' (rows) with 'nuslerp_row_wise: true' (columns)"
     return ""
 
 
@@ -826,8 +879,9 @@ def _resolve_one(pk: str, p: _Param, scopes: Sequence[Mapping[str, Any]], tensor
 class _Resolver:
     """Resolves and translates one method's parameters, globally or for one tensor."""
 
-    def __init__(self, spec: _Spec, gparams: dict[str, Any], experts: list[_Entry]):
+    def __init__(self, spec: _Spec, gparams: dict[str, Any], experts: list[_Entry], has_base: bool = False):
         self.spec, self.gparams, self.experts = spec, gparams, experts
+        self.has_base = has_base  # whether the YAML gives base_model (for spec.base_flag)
 
     def resolve(
         self,
@@ -854,6 +908,8 @@ class _Resolver:
                           for prm, e in zip(per, self.experts, strict=True)]
         weights = [float(w) for w in pm.pop("weight", [1.0] * len(per))]
         name, kwargs = self.spec.translate(shared, pm, notes if notes is not None else [])
+        if self.spec.base_flag:
+            kwargs[self.spec.base_flag] = self.has_base
         return name, kwargs, weights
 
     def per_tensor(self, tensor_name: str, t: float) -> tuple[dict[str, Any], list[float]]:

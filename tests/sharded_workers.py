@@ -89,6 +89,14 @@ def full_state(net: nn.Module) -> dict[str, torch.Tensor] | None:
     return {k: v.clone() for k, v in sd.items()} if dist.get_rank() == 0 else None
 
 
+def experts_for(name: str, experts: list[str]) -> list[str]:
+    """Two experts, or as many as the method takes (its contract: slerp and passthrough one)."""
+    from lightning_merge.methods import method_class
+
+    c = method_class(name).contract
+    return experts[:max(c.min_experts, min(len(experts), c.max_experts or len(experts)))]
+
+
 def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods: list[str], out: str,
                   device: str = "cpu") -> None:
     """Merge every method into the sharded network (base: the module itself, and once a file);
@@ -105,7 +113,7 @@ def parity_worker(rank: int, world: int, port: int, zoo: dict[str, str], methods
         experts = [zoo["e0"], zoo["e1"]]
         sizes = {n: local_box(p, rank, world) is not None for n, p in net.named_parameters()}
         for name in methods:
-            use = experts[:1] if name == "slerp" else experts
+            use = experts_for(name, experts)
             merge_models(None, use, get_method(name), out=net, seed=7, device=device)
             sd = full_state(net)
             if rank == 0:

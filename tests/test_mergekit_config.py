@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from mergekit_helpers import assert_ignored
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.mergekit_config import (
@@ -52,6 +53,12 @@ EXPECTED = {
     "della_linear": ("DellaLinear", {"density": 1.0, "epsilon": 0.3, "rescale": "l1", "normalize": False,
                                      "rank_scope": "row", "prob_formula": "code"}),
     "model_stock": ("ModelStock", {"filter_wise": False}),
+    "ram": ("Ram", {"epsilon": 1e-5}),
+    "ramplus_tl": ("RamPlusTL", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+    "sce": ("Sce", {"select_topk": 1.0, "uniform_below": 1e-6}),
+    "nuslerp": ("NuSlerp", {"dim": None, "task_vectors": True}),
+    "multislerp": ("MultiSlerp", {"normalize_weights": True, "eps": 1e-8, "task_vectors": True}),
+    "karcher": ("Karcher", {"max_iter": 10, "tol": 1e-5}),
 }
 
 
@@ -67,7 +74,8 @@ def test_mergekit_defaults_are_passed_explicitly(name):
 
 
 def test_every_mergekit_method_is_covered():
-    assert set(MERGEKIT_METHODS) == set(EXPECTED) | {"slerp"}
+    # slerp, passthrough, nearswap and arcee_fusion take other model counts: their own tests cover them
+    assert set(MERGEKIT_METHODS) == set(EXPECTED) | {"slerp", "passthrough", "nearswap", "arcee_fusion"}
 
 
 def test_slerp_mapping():
@@ -322,7 +330,7 @@ def test_bad_value_inside_gradient_names_the_key():
     [
         ({"models": [{"model": "a"}]}, "merge_method: missing"),
         (cfg("frobnicate"), "merge_method: unknown method 'frobnicate'"),
-        (cfg("nuslerp"), "merge_method: mergekit's 'nuslerp' is not supported"),
+        (cfg("nuslerp_v2"), "merge_method: unknown method 'nuslerp_v2'"),
         (cfg("ties", densty=0.5), r"parameters\.densty: unknown parameter for 'ties'"),
         (cfg("ties", rank_scope="row"), "no mergekit equivalent"),
         (cfg("ties", lambda_=0.5), "spells it 'lambda'"),
@@ -333,8 +341,8 @@ def test_bad_value_inside_gradient_names_the_key():
         (cfg("slerp", models=["e0", "e1"], t=0.5), "slerp interpolates base_model and one other"),
         (cfg("model_stock", models=["e0"]), "'model_stock' needs at least 2"),
         (cfg("ties", models=["base"]), "needs at least 1 model"),
-        ({**cfg("ties"), "slices": [{"sources": []}]}, "slices: layer-slicing"),
-        ({**cfg("ties"), "modules": {"text": {}}}, "modules: layer-slicing"),
+        ({**cfg("ties"), "slices": [{"sources": []}]}, "either 'models:' or 'slices:'"),
+        ({**cfg("ties"), "modules": {"text": {}}}, "modules: per-module merges"),
         ({**cfg("ties"), "dtype": "float8"}, "dtype: unknown dtype"),
         ({**cfg("ties"), "out_dtype": "int4"}, "out_dtype: unknown dtype"),
         ({**cfg("ties"), "tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
@@ -366,13 +374,27 @@ def test_config_errors(config, match):
         parse_config(config)
 
 
-def test_shared_parameter_per_model_is_refused():
+def test_parameters_mergekit_ignores_run_with_one_warning(caplog):
+    """mergekit accepts and ignores a global parameter given per model, a parameter of another method
+    (``gamma`` on ties, ``density`` left on linear, ``weight`` on slerp / model_stock): one warning."""
+    plain = cfg("ties")
+    plain["models"] = [model("e0")]
     c = cfg("ties")
     c["models"] = [model("e0", **{"lambda": 0.5})]
-    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.lambda.*global parameter.*top-level"):
-        parse_config(c)
+    assert_ignored(c, plain, caplog, "models[0].parameters.lambda (a global parameter of 'ties'")
     c["models"] = [model("e0", gamma=0.1)]
-    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.gamma: unknown parameter"):
+    assert_ignored(c, plain, caplog, "models[0].parameters.gamma")
+    lin = {"merge_method": "linear", "models": [model("e0", weight=1.0), model("e1", weight=0.5)]}
+    assert_ignored({**lin, "models": [model("e0", weight=1.0, density=0.5), model("e1", weight=0.5)]}, lin, caplog,
+                   "models[0].parameters.density")
+    sl = {"merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.3},
+          "models": [model("base"), model("e0")]}
+    assert_ignored({**sl, "models": [model("base", weight=1.0), model("e0", weight=0.5)]}, sl, caplog,
+                   "models[0].parameters.weight", "models[1].parameters.weight")
+    ms = {"merge_method": "model_stock", "base_model": "base", "models": [model("e0"), model("e1")]}
+    assert_ignored({**ms, "models": [model("e0", weight=1.0), model("e1", weight=1.0)]}, ms, caplog, "weight")
+    c["models"] = [model("e0", densty=0.1)]
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.densty: unknown.*did you mean 'density'"):
         parse_config(c)
 
 

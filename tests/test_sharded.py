@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from sharded_workers import make_zoo, parity_worker
+from sharded_workers import experts_for, make_zoo, parity_worker
 
 from lightning_merge import get_method, merge_models, method_names
 
@@ -34,7 +34,7 @@ def test_every_method_into_shards_equals_one_process(zoo, tmp_path, world):
     mp.spawn(parity_worker, args=(world, free_port(), zoo, METHODS, str(tmp_path)), nprocs=world, join=True)
     base = load_file(zoo["base"])
     for name in METHODS:
-        experts = [zoo["e0"]] if name == "slerp" else [zoo["e0"], zoo["e1"]]
+        experts = experts_for(name, [zoo["e0"], zoo["e1"]])
         want = merge_models(zoo["base"], experts, get_method(name), seed=7)
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         assert set(got) == set(want), name
@@ -120,7 +120,7 @@ def test_merge_search_under_model_parallel_strategy_chooses_as_one_process(zoo, 
 def test_every_method_into_cuda_shards_with_nccl_equals_one_process(zoo, tmp_path):
     mp.spawn(parity_worker, args=(2, free_port(), zoo, METHODS, str(tmp_path), "cuda"), nprocs=2, join=True)
     for name in METHODS:
-        experts = [zoo["e0"]] if name == "slerp" else [zoo["e0"], zoo["e1"]]
+        experts = experts_for(name, [zoo["e0"], zoo["e1"]])
         want = merge_models(zoo["base"], experts, get_method(name), seed=7, device="cuda")
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         for k in want:

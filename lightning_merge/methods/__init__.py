@@ -1,36 +1,14 @@
-"""Merge methods: one family per module, registered by name (mergekit's snake_case names)."""
+"""Merge methods: one family per module, registered by name (mergekit's snake_case names).
 
-from .adaptive_rms import AdaptiveRMS
+Every built-in method class (:data:`~lightning_merge.methods.registry.BUILTIN`) is exported here
+under its class name (``Ties``, ``NuSlerp``, ...): adding a method to the registry exports it."""
+
 from .base import DeltaMethod, MergeMethod, TensorInputs
-from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
-from .dare import DareLinear, DareTies
-from .della import Della, DellaLinear
-from .dppa import DPPA
-from .linear import Linear, TaskArithmetic
-from .model_stock import ModelStock
-from .registry import get_method, method_class, method_names, register
-from .slerp import Slerp
-from .ties import Ties
+from .registry import BUILTIN, get_method, method_class, method_names, register
 
-__all__ = [
-    "DPPA",
-    "AdaptiveRMS",
-    "Breadcrumbs",
-    "BreadcrumbsTies",
-    "DareLinear",
-    "DareTies",
-    "Della",
-    "DellaLinear",
-    "DeltaMethod",
-    "Linear",
-    "MergeMethod",
-    "ModelStock",
-    "Slerp",
-    "TaskArithmetic",
-    "TensorInputs",
-    "Ties",
-    "get_method",
-    "method_class",
-    "method_names",
-    "register",
-]
+#: class name -> class of every built-in method
+METHOD_CLASSES = {cls.__name__: cls for cls in BUILTIN}
+globals().update(METHOD_CLASSES)
+
+__all__ = sorted(METHOD_CLASSES) + ["METHOD_CLASSES", "DeltaMethod", "MergeMethod", "TensorInputs", "get_method",
+                                    "method_class", "method_names", "register"]

@@ -19,13 +19,22 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError
 from .adaptive_rms import AdaptiveRMS
+from .arcee_fusion import ArceeFusion
 from .base import MergeMethod
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
 from .della import Della, DellaLinear
 from .dppa import DPPA
+from .karcher import Karcher
 from .linear import Linear, TaskArithmetic
 from .model_stock import ModelStock
+from .multislerp import MultiSlerp
+from .nearswap import Nearswap
+from .nuslerp import NuSlerp
+from .passthrough import Passthrough
+from .ram import Ram
+from .ramplus_tl import RamPlusTL
+from .sce import Sce
 from .slerp import Slerp
 from .ties import Ties
 from .yaml_spec import MergekitSpec
@@ -82,6 +91,9 @@ def get_method(name: str, **params: Any) -> MergeMethod:
 BUILTIN: tuple[type[MergeMethod], ...] = (
     Linear, TaskArithmetic, Ties, DareLinear, DareTies, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
     AdaptiveRMS, DPPA, ModelStock, Slerp,
+    NuSlerp, MultiSlerp, Karcher,
+    Ram, RamPlusTL, Passthrough,
+    Sce, Nearswap, ArceeFusion,
 )
 #: name -> (module, class) imported on first use
 LAZY: dict[str, tuple[str, str]] = {"sens_scaled": ("lightning_merge.learned.sens_callback", "SensScaled")}

@@ -45,6 +45,9 @@ class MergekitSpec:
         translate: see :data:`Translate`.
         min_experts, max_experts: models besides base_model.
         native: one of our own methods (our parameter names; only what the YAML gives is passed).
+        base_flag: (base "optional") our keyword argument that is set to whether the YAML gives
+            ``base_model`` (mergekit's nuslerp and multislerp work on task vectors then, on the
+            full weights otherwise); None: none.
     """
 
     name: str
@@ -54,6 +57,7 @@ class MergekitSpec:
     min_experts: int = 1
     max_experts: int | None = None
     native: bool = False
+    base_flag: str | None = None
 
 
 def collapse(values: Sequence[Any]) -> Any:

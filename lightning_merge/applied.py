@@ -57,7 +57,7 @@ def _per_layer(values: dict[str, str]) -> str:
 
 def applied_values(recipe: Any, names: Sequence[str]) -> list[str]:
     """Lines describing the parameters ``recipe`` (a
-    :class:`~lightning_merge.mergekit_config.MergeRecipe`) applies to the tensors ``names``: one
+    :class:`~lightning_merge.mergekit.MergeRecipe`) applies to the tensors ``names``: one
     line with the values every tensor gets, then one line per parameter that varies.
 
     Per-expert values are shown as lists in the order of ``recipe.experts``."""

@@ -1,7 +1,7 @@
 """The ``lightning-merge`` command.
 
 ``lightning-merge merge CONFIG OUT [--device DEV] [--seed N] [--out-dtype DTYPE] [--overwrite]
-[--progress/--no-progress]`` reads a mergekit YAML (see :mod:`lightning_merge.mergekit_config`)
+[--progress/--no-progress]`` reads a mergekit YAML (see :mod:`lightning_merge.mergekit`)
 and writes the merged Hugging Face folder ``OUT``. Logs go to stderr (INFO); one summary line
 goes to stdout at the end. A bad input (any :class:`~lightning_merge.errors.MergeError`) prints one
 ``lightning-merge: error: ...`` line to stderr, exits with status 2 and leaves no output folder.
@@ -91,7 +91,8 @@ def _count_tensors(out: Path) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from . import preflight
     from .applied import applied_values
-    from .mergekit_config import _tensor_names, parse_config
+    from .mergekit import parse_config
+    from .mergekit.recipe import tensor_names
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -103,7 +104,7 @@ def _merge(args: argparse.Namespace) -> int:
     recipe = parse_config(args.config)
     donor = recipe.base if recipe.base is not None else recipe.experts[0]
     preflight.check_output(out, [donor, *recipe.experts, args.config], args.overwrite)
-    names = _tensor_names(donor) if recipe.tensor_params is not None else []
+    names = tensor_names(donor) if recipe.tensor_params is not None else []
     log.info("%s: %s (%s) with %d expert(s) %s on base '%s'", args.config, recipe.merge_method,
              type(recipe.method).__name__, len(recipe.experts), recipe.experts, recipe.base)
     for line in applied_values(recipe, names):

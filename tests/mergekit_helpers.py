@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lightning_merge.mergekit_config import parse_config
+from lightning_merge.mergekit import parse_config
 
 
 def assert_ignored(config: dict[str, Any], without: dict[str, Any], caplog: Any, *keys: str) -> None:
     """``config`` parses with one warning that names every key in ``keys`` (parameters mergekit
     accepts and this method ignores) and gives the method and weights of ``without``."""
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lightning_merge.mergekit_config"):
+    with caplog.at_level(logging.WARNING, logger="lightning_merge.mergekit.params"):
         got = parse_config(config)
-    records = [r for r in caplog.records if r.name == "lightning_merge.mergekit_config" and "ignores" in r.message]
+    records = [r for r in caplog.records if r.name == "lightning_merge.mergekit.params" and "ignores" in r.message]
     assert len(records) == 1, [r.message for r in caplog.records]
     for key in keys:
         assert key in records[0].message, (key, records[0].message)

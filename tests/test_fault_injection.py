@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safety_helpers import assert_bitwise_equal, cli, leftovers, save_llamas, tensors, ties_config, write_yaml
 
 from lightning_merge.cli import main
-from lightning_merge.mergekit_config import parse_config
+from lightning_merge.mergekit import parse_config
 
 #: about 10M parameters per model: the merge and its writes take ~1 s of a ~3 s command
 MID = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,

@@ -10,7 +10,7 @@ import torch
 from mergekit_helpers import assert_ignored
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.mergekit_config import (
+from lightning_merge.mergekit import (
     MERGEKIT_METHODS,
     LayerIndex,
     MergeRecipe,

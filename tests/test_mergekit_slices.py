@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from lightning_merge.cli import main
 from lightning_merge.errors import ConfigError
-from lightning_merge.mergekit_config import parse_config
-from lightning_merge.mergekit_slices import layer_count, slices_as_models
+from lightning_merge.mergekit import parse_config
+from lightning_merge.mergekit.slices import layer_count, slices_as_models
 
 LAYERS = 2
 
@@ -104,7 +104,7 @@ def test_layer_range_slices_are_refused_naming_the_key(zoo, change, message):
 def test_residual_weight_is_ignored_with_a_warning(zoo, caplog):
     c = ties_slice(zoo)
     c["slices"][0]["residual_weight"] = 0.5
-    with caplog.at_level(logging.WARNING, logger="lightning_merge.mergekit_slices"):
+    with caplog.at_level(logging.WARNING, logger="lightning_merge.mergekit.slices"):
         r = parse_config(c)
     assert "residual_weight is ignored" in caplog.text
     assert r.method == parse_config(ties_slice(zoo)).method

@@ -20,7 +20,7 @@ from mergekit_helpers import assert_ignored
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
-from lightning_merge.mergekit_config import LayerIndex, parse_config
+from lightning_merge.mergekit import LayerIndex, parse_config
 from lightning_merge.methods import TensorInputs, get_method
 from lightning_merge.methods.nuslerp import NuSlerp
 from lightning_merge.sources import StateDictSource

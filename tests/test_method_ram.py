@@ -17,7 +17,7 @@ from mergekit_helpers import assert_ignored
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
-from lightning_merge.mergekit_config import parse_config
+from lightning_merge.mergekit import parse_config
 from lightning_merge.methods import TensorInputs, get_method
 from lightning_merge.methods.ram import Ram
 from lightning_merge.sources import StateDictSource

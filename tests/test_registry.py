@@ -37,7 +37,7 @@ def test_mergekit_defaults_translate_to_a_valid_method(name):
 
 
 def test_unsupported_means_not_registered():
-    from lightning_merge.mergekit_config import UNSUPPORTED_MERGEKIT
+    from lightning_merge.mergekit import UNSUPPORTED_MERGEKIT
 
     assert set(UNSUPPORTED_MERGEKIT) == set(MERGEKIT_0_1_5) - set(mergekit_specs())
     assert set(UNSUPPORTED_MERGEKIT) == set()  # every mergekit 0.1.5 method has a class
@@ -51,7 +51,7 @@ def test_capabilities_are_properties_not_patched_per_instance():
 
 
 def test_sens_scaled_is_registered_and_nameable_in_yaml(tmp_path):
-    from lightning_merge.mergekit_config import parse_config
+    from lightning_merge.mergekit import parse_config
 
     assert "sens_scaled" in method_names()
     with pytest.raises(ConfigError) as err:

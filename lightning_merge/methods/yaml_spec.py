@@ -3,7 +3,7 @@
 A method class that has a mergekit 0.1.5 counterpart carries a :class:`MergekitSpec` as its
 ``mergekit`` class attribute: the YAML parameter names with mergekit's scopes and defaults, and a
 ``translate`` function from mergekit's semantics to the class's keyword arguments. The YAML reader
-(:mod:`lightning_merge.mergekit_config`) builds its table from the registry; nothing else lists
+(:mod:`lightning_merge.mergekit`) builds its table from the registry; nothing else lists
 methods. Pure data and small functions: no tensors, no Lightning.
 """
 

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -92,6 +92,7 @@ def _merge(args: argparse.Namespace) -> int:
     from . import preflight
     from .applied import applied_values
     from .mergekit import parse_config
+    from .mergekit.layered import LayeredRecipe
     from .mergekit.recipe import tensor_names
 
     t0 = time.perf_counter()
@@ -104,10 +105,16 @@ def _merge(args: argparse.Namespace) -> int:
     recipe = parse_config(args.config)
     donor = recipe.base if recipe.base is not None else recipe.experts[0]
     preflight.check_output(out, [donor, *recipe.experts, args.config], args.overwrite)
-    names = tensor_names(donor) if recipe.tensor_params is not None else []
-    log.info("%s: %s (%s) with %d expert(s) %s on base '%s'", args.config, recipe.merge_method,
-             type(recipe.method).__name__, len(recipe.experts), recipe.experts, recipe.base)
-    for line in applied_values(recipe, names):
+    if isinstance(recipe, LayeredRecipe):
+        log.info("%s: %d layers from %d slice(s) with %s", args.config, recipe.n_layers, len(recipe.parts),
+                 recipe.merge_method)
+        lines = recipe.summary()
+    else:
+        names = tensor_names(donor) if recipe.tensor_params is not None else []
+        log.info("%s: %s (%s) with %d expert(s) %s on base '%s'", args.config, recipe.merge_method,
+                 type(recipe.method).__name__, len(recipe.experts), recipe.experts, recipe.base)
+        lines = applied_values(recipe, names)
+    for line in lines:
         log.info("  %s", line)
     recipe.merge(out, device=args.device, seed=args.seed, out_dtype=args.out_dtype,
                  overwrite=args.overwrite, progress=args.progress, out_format=args.out_format,

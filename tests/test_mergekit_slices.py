@@ -1,4 +1,5 @@
-"""mergekit's whole-model ``slices:`` form: rewritten to ``models:`` exactly as mergekit plans it, and
+"""mergekit's whole-model ``slices:`` form: rewritten to ``models:`` exactly as mergekit plans it
+(layer-range slices: tests/test_mergekit_layered.py), and
 (parity extra) the same tensors as mergekit 0.1.5 for the README's gradient SLERP and a TIES
 slice with per-source and slice-level parameters."""
 
@@ -87,14 +88,14 @@ def test_whole_model_slice_is_the_models_form(zoo):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c["slices"][0]["sources"][1].update(layer_range=[0, 1]), r"sources\[1\].layer_range.*whole model"),
-    (lambda c: c["slices"].append(dict(c["slices"][0])), "2 slices"),
+    (lambda c: c["slices"][0]["sources"][1].update(layer_range=[0, 1]), r"slices\[0\]: every source .* same number"),
+    (lambda c: c["slices"][0]["sources"][1].update(layer_range=[0, 3]), r"sources\[1\].layer_range.*2 layers"),
     (lambda c: c["slices"][0]["sources"][2].update(layer_range="all"), r"sources\[2\].layer_range: expected"),
     (lambda c: c["slices"][0]["sources"][2].update(model="/nowhere"), "cannot tell how many layers"),
     (lambda c: c["slices"][0].update(bogus=1), r"slices\[0\].bogus"),
     (lambda c: c.update(models=[{"model": "x"}]), "not both"),
 ])
-def test_layer_range_slices_are_refused_naming_the_key(zoo, change, message):
+def test_bad_slices_are_refused_naming_the_key(zoo, change, message):
     c = ties_slice(zoo)
     change(c)
     with pytest.raises(ConfigError, match=message):
@@ -143,3 +144,17 @@ def test_slices_equal_mergekit(zoo, tmp_path, make):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(got[k], base[k]) for k in base)
+
+
+def test_unlisted_base_is_no_input_of_a_linear_slice(zoo):
+    """mergekit adds an unlisted base_model as one more input only to ``models:``; in a slice the
+    linear average is over the sources alone."""
+    c = {"slices": [{"sources": [src(zoo, "e0"), src(zoo, "e1")]}], "merge_method": "linear",
+         "base_model": str(zoo / "base")}
+    got = slices_as_models(c, str)
+    assert "base_model" not in got
+    r = parse_config(c)
+    assert r.experts == [str(zoo / "e0"), str(zoo / "e1")] and r.notes == []
+    with_models = parse_config({"models": [{"model": str(zoo / n)} for n in ("e0", "e1")], "merge_method": "linear",
+                                "base_model": str(zoo / "base")})
+    assert len(with_models.experts) == 3  # the models: form does add it, as mergekit does

@@ -39,7 +39,7 @@ recipe.merge("out/", seed=0)              # calls lightning_merge.merge_models
 | `tokenizer_source` | absent or `base`: the base model's tokenizer files are copied; resized embeddings are truncated to the base vocabulary (what mergekit gives when the experts' vocabularies extend the base's by appending tokens). `union` or a model: refused (not supported yet) |
 | `tokenizer` | `{source: base}` as above; `tokens` and other sources are refused |
 | `seed` | (ours; mergekit ignores it) the seed of DARE/DELLA, overridden by `--seed`; default 0 |
-| `slices` | one slice taking every layer of every source (mergekit's README form): the `models:` merge, source parameters per model, slice parameters over the global ones (`lightning_merge.mergekit.slices`); layer-range slices (sub-ranges, several slices, frankenmerges) refused |
+| `slices` | one slice taking every layer of every source (mergekit's README form): the `models:` merge, source parameters per model, slice parameters over the global ones (`lightning_merge.mergekit.slices`). Layer-range slices (sub-ranges, several slices: frankenmerges, per-slice merges): the model is built slice by slice with renumbered layers and `num_hidden_layers` (and per-layer lists such as `layer_types`) rewritten (`lightning_merge.mergekit.layered`) |
 | `modules`, `chat_template` | refused: per-module merges are not supported yet; set a chat template on the tokenizer after merging |
 
 Relative paths are read relative to the working directory (as mergekit does), else relative to

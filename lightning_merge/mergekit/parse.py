@@ -17,6 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..methods.yaml_spec import REQUIRED
 from ..yaml_io import load_yaml
+from .layered import LayeredRecipe
 from .params import (
     MERGEKIT_METHODS,
     REQUIRED_HINTS,
@@ -30,7 +31,7 @@ from .params import (
 from .recipe import MergeRecipe, tensor_names
 from .refs import Entry, PathResolver, is_adapter, model_entries, resolve_base
 from .settings import MergekitTensorParams, check_setting, tensor_dependent
-from .slices import slices_as_models
+from .slices import parse_slices
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ TOP_LEVEL_KEYS = (
 )
 
 
-def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
-    """Parse a mergekit YAML (a path or an already-loaded dict) into a :class:`MergeRecipe`.
+def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe | LayeredRecipe:
+    """Parse a mergekit YAML (a path or an already-loaded dict) into a :class:`MergeRecipe`
+    (or, for layer-range ``slices:``, a :class:`~lightning_merge.mergekit.layered.LayeredRecipe`).
 
     Raises :class:`ConfigError` naming the YAML key at fault and what would fix it. Reads no
     tensors; relative model paths are resolved against the working directory, then against the
@@ -56,17 +58,20 @@ def parse_config(config: Mapping[str, Any] | str | os.PathLike) -> MergeRecipe:
         config = load_yaml(config)
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: expected a mapping, got {type(config).__name__}")
-    cfg = dict(config)
-    paths = PathResolver(config_dir)
+    return _parse(dict(config), PathResolver(config_dir), source)
 
+
+def _parse(cfg: dict[str, Any], paths: PathResolver, source: str | None) -> Any:
     unknown = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown top-level key; valid keys: {list(TOP_LEVEL_KEYS)}")
     if cfg.get("modules"):
-        raise ConfigError("modules: per-module merges are not supported yet; use 'models:' or one whole-model "
-                          "'slices:' entry")
+        raise ConfigError("modules: per-module merges are not supported yet; use 'models:' or 'slices:'")
     if cfg.get("slices"):
-        cfg = slices_as_models(cfg, paths)
+        parsed = parse_slices(cfg, paths, lambda sub: _parse(sub, paths, source), source)
+        if not isinstance(parsed, dict):
+            return parsed
+        cfg = parsed
     if not isinstance(cfg.get("merge_method"), str):
         raise ConfigError("merge_method: missing; e.g. 'merge_method: ties'")
     spec = spec_for(cfg["merge_method"])

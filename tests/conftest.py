@@ -29,3 +29,12 @@ def tau_inputs(vectors):
     base = torch.tensor(vectors["inputs"]["base"], dtype=torch.float32)
     taus = [torch.tensor(t, dtype=torch.float32) for t in vectors["inputs"]["tau"]]
     return base, taus
+
+
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory) -> Path:
+    """Tiny Llama HF folders ``base``, ``e0``-``e2`` (hidden 32) for the mergekit parity tests of
+    every method; skipped without mergekit (the factory lives in tests/test_parity_mergekit.py)."""
+    from mergekit_helpers import parity_module
+
+    return parity_module()._make_models(tmp_path_factory.mktemp("mergekit_models"), 32)

@@ -17,12 +17,16 @@ standard deviations √(p(1 − p)/m) / f(Q_p) ≈ 5.8e-4, 1.0e-3, 1.7e-3 for m 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -218,39 +222,22 @@ def test_yaml(caplog):
 
 # ------------------------------------------------------------------------------------------ parity
 
-TESTS = Path(__file__).resolve().parent
-
-
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
-
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
 
 @pytest.mark.parity
 def test_kernel_parity_with_mergekit():
-    _parity_module()
+    parity_module()
     from mergekit.merge_methods.arcee_fusion import arcee_fusion_merge_method
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
 
     for shape, scale in [((5, 8), 0.1), ((33,), 1.0), ((16, 16), 0.01), ((4, 4), 0.0), ((2, 3, 7), 0.5)]:
         a, b = _pair(shape, seed=shape[0], scale=scale)
         group = TensorGroup(entries=[TensorEntry("base", a.clone(), is_base=True), TensorEntry("e", b.clone())])
-        _close(merge(a, [b]), arcee_fusion_merge_method.implementation(group), f"{shape}")
+        assert_close_scaled(merge(a, [b]), arcee_fusion_merge_method.implementation(group), f"{shape}")
 
 
 @pytest.mark.parity
 def test_sampled_threshold_matches_mergekit_in_distribution(exp_importance):
-    _parity_module()
+    parity_module()
     from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion
 
     torch.manual_seed(0)
@@ -259,11 +246,6 @@ def test_sampled_threshold_matches_mergekit_in_distribution(exp_importance):
     exact = float(fusion_threshold(exp_importance, None))
     assert abs(ref - exact) <= 5 * SIGMA_TAU and ref != exact  # mergekit samples too
     assert abs(ours - ref) <= 5 * 2**0.5 * SIGMA_TAU
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("arcee_models"), 32)
 
 
 CONFIGS = {
@@ -275,15 +257,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "arcee_fusion", "base_model": "base", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    base = p._load(llamas / "base")
-    changed = False
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
-        changed |= not torch.equal(r, base[k])
+    ours, ref = run_both(config, tmp_path)
+    changed = assert_parity(ours, ref, name, base=p._load(llamas / "base"))
     assert changed

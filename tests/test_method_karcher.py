@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    mergekit_config,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -29,7 +34,6 @@ from lightning_merge.methods.karcher import Karcher
 from lightning_merge.sources import StateDictSource
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
-TESTS = Path(__file__).resolve().parent
 
 
 def merge(experts, weights=None, base=None, **params):
@@ -132,12 +136,7 @@ def test_weights_must_be_non_negative_and_not_all_zero():
 # ------------------------------------------------------------------------------------------------ YAML
 
 def cfg(base="base", models=("e0", "e1"), **params):
-    out = {"merge_method": "karcher", "models": [{"model": m} for m in models]}
-    if base is not None:
-        out["base_model"] = base
-    if params:
-        out["parameters"] = params
-    return out
+    return mergekit_config("karcher", base, models, **params)
 
 
 def test_yaml_translation():
@@ -178,25 +177,11 @@ def test_yaml_ignores_what_mergekit_ignores(caplog):
 
 # ------------------------------------------------------------------------------------------------ parity
 
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
-
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
 
 @pytest.mark.parity
 @pytest.mark.parametrize("max_iter,tol", [(10, 1e-5), (0, 1e-5), (3, 1e-2), (25, 1e-9)])
 def test_kernel_parity_with_mergekit(max_iter, tol):
-    _parity_module()
+    parity_module()
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
     from mergekit.merge_methods.karcher import karcher_merge_method
 
@@ -211,12 +196,7 @@ def test_kernel_parity_with_mergekit(max_iter, tol):
             ref = karcher_merge_method.implementation(TensorGroup(entries=entries), max_iter=max_iter, tol=tol)
             ours = Karcher(max_iter=max_iter, tol=tol).merge(TensorInputs(
                 KEY, None, [x.clone() for x in xs], list(range(len(xs))), [1.0] * len(xs)))
-            _close(ours, ref, f"{shape} n={len(xs)}")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("karcher_models"), 32)
+            assert_close_scaled(ours, ref, f"{shape} n={len(xs)}")
 
 
 THREE = [{"model": "e0"}, {"model": "e1"}, {"model": "e2"}]
@@ -235,12 +215,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "karcher", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
+    ours, ref = run_both(config, tmp_path)
+    assert_parity(ours, ref, name)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    mergekit_config,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -27,7 +32,6 @@ from lightning_merge.methods.multislerp import MultiSlerp
 from lightning_merge.sources import StateDictSource
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
-TESTS = Path(__file__).resolve().parent
 
 
 def merge(base, experts, weights=None, **params):
@@ -149,12 +153,7 @@ def test_weights_summing_to_zero_are_refused_when_normalised():
 # ------------------------------------------------------------------------------------------------ YAML
 
 def cfg(base="base", models=("e0", "e1"), **params):
-    out = {"merge_method": "multislerp", "models": [{"model": m} for m in models]}
-    if base is not None:
-        out["base_model"] = base
-    if params:
-        out["parameters"] = params
-    return out
+    return mergekit_config("multislerp", base, models, **params)
 
 
 def test_yaml_translation():
@@ -192,20 +191,6 @@ def test_yaml_ignores_what_mergekit_ignores(caplog):
 
 # ------------------------------------------------------------------------------------------------ parity
 
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
-
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
 
 def _mergekit_kernel(base, experts, weights, **params):
     from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
@@ -220,7 +205,7 @@ def _mergekit_kernel(base, experts, weights, **params):
 @pytest.mark.parity
 @pytest.mark.parametrize("normalize,eps", [(True, 1e-8), (False, 1e-8), (True, 0.3)])
 def test_kernel_parity_with_mergekit(normalize, eps):
-    _parity_module()
+    parity_module()
     g = torch.Generator().manual_seed(4)
     for shape in [(5, 8), (16,), (3, 4, 2), (0, 4)]:
         base = torch.randn(shape, generator=g)
@@ -237,12 +222,12 @@ def test_kernel_parity_with_mergekit(normalize, eps):
                 ours = MultiSlerp(normalize_weights=normalize, eps=eps).merge(TensorInputs(
                     KEY, base.clone() if with_base else None, [x.clone() for x in experts],
                     list(range(len(w))), w))
-                _close(ours, ref, f"{shape} n={len(deltas)} base={with_base}")
+                assert_close_scaled(ours, ref, f"{shape} n={len(deltas)} base={with_base}")
 
 
 @pytest.mark.parity
 def test_mergekit_refuses_the_three_model_fallback_we_merge_to_the_base():
-    _parity_module()
+    parity_module()
     base = torch.randn(3, 4)
     with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
         _mergekit_kernel(base, [base.clone()] * 3, [1.0, 1.0, 1.0])
@@ -251,8 +236,8 @@ def test_mergekit_refuses_the_three_model_fallback_we_merge_to_the_base():
 
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    root = _parity_module()._make_models(tmp_path_factory.mktemp("multislerp_models"), 32)
+def llamas(llamas):  # the session's models, plus two copies of the base
+    root = llamas
     for copy in ("z0", "z1"):  # experts equal to the base: the two-model fallback on every tensor
         shutil.copytree(root / "base", root / copy)
     return root
@@ -282,12 +267,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "multislerp", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
+    ours, ref = run_both(config, tmp_path)
+    assert_parity(ours, ref, name)
     shutil.rmtree(tmp_path, ignore_errors=True)

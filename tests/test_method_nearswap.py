@@ -9,12 +9,15 @@ filters and a layer gradient, and base_model listed among the models.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -134,40 +137,18 @@ def test_yaml(caplog):
 
 # ------------------------------------------------------------------------------------------ parity
 
-TESTS = Path(__file__).resolve().parent
-
-
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
-
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
 
 @pytest.mark.parity
 @pytest.mark.parametrize("t", [0.0, 1e-7, 0.01, 0.1, 5.0])
 def test_kernel_parity_with_mergekit(t):
-    _parity_module()
+    parity_module()
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
     from mergekit.merge_methods.nearswap import nearswap_merge
 
     for shape, scale in [((5, 8), 0.1), ((33,), 1.0), ((4, 4), 1e-7), ((3, 3), 0.0)]:
         a, b = _pair(shape, seed=len(shape), scale=scale)
         group = TensorGroup(entries=[TensorEntry("base", a.clone(), is_base=True), TensorEntry("e", b.clone())])
-        _close(merge(a, [b], t=t), nearswap_merge.implementation(group, t=t), f"{shape} t={t}")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("nearswap_models"), 32)
+        assert_close_scaled(merge(a, [b], t=t), nearswap_merge.implementation(group, t=t), f"{shape} t={t}")
 
 
 CONFIGS = {
@@ -184,15 +165,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "nearswap", "base_model": "base", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    base = p._load(llamas / "base")
-    changed = False
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
-        changed |= not torch.equal(r, base[k])
+    ours, ref = run_both(config, tmp_path)
+    changed = assert_parity(ours, ref, name, base=p._load(llamas / "base"))
     assert changed

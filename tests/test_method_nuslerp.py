@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    mergekit_config,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -26,7 +31,6 @@ from lightning_merge.methods.nuslerp import NuSlerp
 from lightning_merge.sources import StateDictSource
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
-TESTS = Path(__file__).resolve().parent
 
 
 def merge(base, experts, weights=None, **params):
@@ -156,12 +160,7 @@ def test_exactly_two_experts():
 # ------------------------------------------------------------------------------------------------ YAML
 
 def cfg(base="base", models=("e0", "e1"), **params):
-    out = {"merge_method": "nuslerp", "models": [{"model": m} for m in models]}
-    if base is not None:
-        out["base_model"] = base
-    if params:
-        out["parameters"] = params
-    return out
+    return mergekit_config("nuslerp", base, models, **params)
 
 
 def test_yaml_translation():
@@ -212,25 +211,11 @@ def test_get_method_and_describe():
 
 # ------------------------------------------------------------------------------------------------ parity
 
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
-
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
 
 @pytest.mark.parity
 @pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True), (True, True)])
 def test_kernel_parity_with_mergekit(flatten, row_wise):
-    _parity_module()
+    parity_module()
     from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
     from mergekit.merge_methods.nuslerp import nuslerp_merge_method
 
@@ -249,12 +234,7 @@ def test_kernel_parity_with_mergekit(flatten, row_wise):
                         nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
                     ours = NuSlerp(dim=dim).merge(TensorInputs(
                         KEY, base.clone() if with_base else None, [base + d, base + other], [0, 1], w))
-                    _close(ours, ref, f"{shape} w={w} base={with_base}")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("nuslerp_models"), 32)
+                    assert_close_scaled(ours, ref, f"{shape} w={w} base={with_base}")
 
 
 W2 = [{"model": "e0", "parameters": {"weight": 1.0}}, {"model": "e2", "parameters": {"weight": 0.4}}]
@@ -280,12 +260,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "nuslerp", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
+    ours, ref = run_both(config, tmp_path)
+    assert_parity(ours, ref, name)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -5,12 +5,11 @@ or a copy, per tensor; also for a bfloat16 model, where both round the product o
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import assert_ignored, parity_module, run_both
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -129,23 +128,12 @@ def test_yaml_ignores_weight(caplog):
 
 # ------------------------------------------------------------------------------------------ parity
 
-TESTS = Path(__file__).resolve().parent
-
-
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
+def llamas(llamas):  # the session's models, plus a bfloat16 copy of e1
     from transformers import LlamaForCausalLM
 
-    root = _parity_module()._make_models(tmp_path_factory.mktemp("passthrough_models"), 32)
+    root = llamas
     LlamaForCausalLM.from_pretrained(root / "e1").to(torch.bfloat16).save_pretrained(root / "e1_bf16")
     return root
 
@@ -171,11 +159,9 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "passthrough", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
+    ours, ref = run_both(config, tmp_path)
     for k, r in ref.items():
         assert ours[k].dtype == r.dtype and torch.equal(ours[k], r), f"{name}: {k}"
     source = p._load(Path(config["models"][0]["model"]))
@@ -184,7 +170,7 @@ def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
 
 @pytest.mark.parity
 def test_mergekit_also_refuses_a_second_input(llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     for config in ({"base_model": "base", "models": [M("e0")]}, {"models": [M("e0"), M("e1")]}):
         config = p._resolve({"merge_method": "passthrough", **config}, llamas)
         with pytest.raises(ValueError, match="exactly 1 inputs"):

@@ -8,12 +8,15 @@ random Llama models).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -166,17 +169,6 @@ def test_yaml_ignores_weight_and_per_model_epsilon_refuses_typos(caplog):
 
 # ------------------------------------------------------------------------------------------ parity
 
-TESTS = Path(__file__).resolve().parent
-
-
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
 
 def _mergekit_kernel(base, deltas, **params):
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
@@ -187,16 +179,10 @@ def _mergekit_kernel(base, deltas, **params):
     return ram_merge.implementation(TensorGroup(entries=entries), **params)
 
 
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
-
 @pytest.mark.parity
 @pytest.mark.parametrize("eps", [0.0, 1e-5, 0.1, 0.3])
 def test_kernel_parity_with_mergekit(eps):
-    _parity_module()
+    parity_module()
     g = torch.Generator().manual_seed(1)
     for shape, n in [((5, 8), 1), ((16, 9), 2), ((33,), 3), ((0, 4), 2), ((4, 4), 4)]:
         base = torch.randn(shape, generator=g)
@@ -206,12 +192,7 @@ def test_kernel_parity_with_mergekit(eps):
         deltas.append(torch.zeros(shape))
         ref = _mergekit_kernel(base, deltas, epsilon=eps)
         ours = merge(base, [base + d for d in deltas], epsilon=eps)
-        _close(ours, ref, f"{shape} x{n} eps={eps}")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("ram_models"), 32)
+        assert_close_scaled(ours, ref, f"{shape} x{n} eps={eps}")
 
 
 CONFIGS = {
@@ -229,15 +210,8 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": "ram", "base_model": "base", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    base = p._load(llamas / "base")
-    changed_somewhere = False
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
-        changed_somewhere |= not torch.equal(r, base[k])
-    assert changed_somewhere
+    ours, ref = run_both(config, tmp_path)
+    changed = assert_parity(ours, ref, name, base=p._load(llamas / "base"))
+    assert changed

@@ -8,12 +8,15 @@ difference is checked too: mergekit's NaN for an unchanged expert with ``epsilon
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from mergekit_helpers import assert_ignored
+from mergekit_helpers import (
+    assert_close_scaled,
+    assert_ignored,
+    assert_parity,
+    parity_module,
+    run_both,
+)
 
 from lightning_merge.engine import build_plan, run_plan
 from lightning_merge.errors import ConfigError
@@ -179,17 +182,6 @@ def test_yaml_ignored_parameters_and_refusals(caplog):
 
 # ------------------------------------------------------------------------------------------ parity
 
-TESTS = Path(__file__).resolve().parent
-
-
-def _parity_module():
-    pytest.importorskip("mergekit")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import test_parity_mergekit
-
-    return test_parity_mergekit
-
 
 def _mergekit_kernel(base, deltas, **params):
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
@@ -200,16 +192,10 @@ def _mergekit_kernel(base, deltas, **params):
     return ramplus_tl_merge.implementation(TensorGroup(entries=entries), **params)
 
 
-def _close(ours, ref, what):
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    assert ours.shape == ref.shape and err <= 1e-6 * scale, f"{what}: differs by {err:.3g}"
-
-
 @pytest.mark.parity
 @pytest.mark.parametrize("r,alpha,eps", [(0.1, 0.2, 1e-5), (0.5, 10.0, 0.1), (2.0, 0.5, 0.3), (1.0, 3.0, 0.0)])
 def test_kernel_parity_with_mergekit(r, alpha, eps):
-    _parity_module()
+    parity_module()
     g = torch.Generator().manual_seed(1)
     for shape, n in [((5, 8), 1), ((16, 9), 2), ((33,), 3), ((0, 4), 2), ((4, 4), 4)]:
         base = torch.randn(shape, generator=g)
@@ -219,26 +205,21 @@ def test_kernel_parity_with_mergekit(r, alpha, eps):
             deltas.append(torch.zeros(shape))  # an unchanged expert (with ε = 0: see the next test)
         ref = _mergekit_kernel(base, deltas, r=r, alpha=alpha, epsilon=eps)
         ours = merge(base, [base + d for d in deltas], r=r, alpha=alpha, epsilon=eps)
-        _close(ours, ref, f"{shape} x{n} r={r} alpha={alpha} eps={eps}")
+        assert_close_scaled(ours, ref, f"{shape} x{n} r={r} alpha={alpha} eps={eps}")
 
 
 @pytest.mark.parity
 def test_mergekit_nan_for_an_unchanged_expert_with_epsilon_zero():
     """mergekit: ρ = 0/0 for an expert that changed nothing, and 0·NaN spreads to the whole tensor.
     Ours: that expert adds nothing, as it does for any ε > 0 in mergekit too."""
-    _parity_module()
+    parity_module()
     g = torch.Generator().manual_seed(3)
     base = torch.randn(6, 6, generator=g)
     deltas = [torch.randn(6, 6, generator=g) * (torch.rand(6, 6, generator=g) < 0.5) for _ in range(2)]
     params = {"r": 0.5, "alpha": 2.0, "epsilon": 0.0}
     assert bool(torch.isnan(_mergekit_kernel(base, deltas + [torch.zeros(6, 6)], **params)).all())
     ours = merge(base, [base + d for d in deltas] + [base.clone()], **params)
-    _close(ours, _mergekit_kernel(base, deltas, **params), "unchanged expert left out")
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    return _parity_module()._make_models(tmp_path_factory.mktemp("ramplus_models"), 32)
+    assert_close_scaled(ours, _mergekit_kernel(base, deltas, **params), "unchanged expert left out")
 
 
 CONFIGS = {
@@ -256,11 +237,7 @@ CONFIGS = {
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_end_to_end_parity_with_mergekit(name, llamas, tmp_path):
-    p = _parity_module()
+    p = parity_module()
     config = p._resolve({"merge_method": METHOD, "base_model": "base", **CONFIGS[name]}, llamas)
-    ref = p.run_mergekit(config, tmp_path / "mergekit")
-    ours = p.run_ours(config, tmp_path / "ours")
-    assert set(ours) == set(ref)
-    for k, r in ref.items():
-        assert ours[k].dtype == r.dtype, k
-        _close(ours[k], r, f"{name}: {k}")
+    ours, ref = run_both(config, tmp_path)
+    assert_parity(ours, ref, name)

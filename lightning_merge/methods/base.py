@@ -78,6 +78,16 @@ class TensorInputs:
         """The generator of entry ``i`` (expert ``experts[i]``) for this tensor."""
         return generator_for(self.seed, self.name, self.experts[i], self.device)
 
+    def single_input(self, method: str) -> Tensor | None:
+        """The result when there is nothing to combine (weight-space methods that interpolate the
+        experts' weights): the base when no expert has this tensor (an error without one), the one
+        expert's tensor when only one has it; None when there are two or more."""
+        if not self.tensors:
+            if self.base is None:
+                raise ConfigError(f"{method}: no model has tensor '{self.name}'")
+            return self.base.clone()
+        return self.tensors[0] if len(self.tensors) == 1 else None
+
     def per_expert(self, value: PerExpert, i: int) -> float:
         """Resolve a scalar-or-list hyperparameter for entry ``i``."""
         if isinstance(value, (list, tuple)):

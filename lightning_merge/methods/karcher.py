@@ -124,12 +124,9 @@ class Karcher(MergeMethod):
 
     def merge(self, inputs: TensorInputs) -> Tensor:
         xs = inputs.tensors
-        if not xs:
-            if inputs.base is None:
-                raise ConfigError(f"{self.name}: no model has tensor '{inputs.name}'")
-            return inputs.base.clone()
-        if len(xs) == 1:
-            return xs[0]
+        single = inputs.single_input(self.name)
+        if single is not None:
+            return single
         total = sum(inputs.weights)
         if total <= 0:
             raise ConfigError(f"{self.name}: the weights {inputs.weights} of tensor '{inputs.name}' sum to "

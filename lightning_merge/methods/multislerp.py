@@ -110,12 +110,9 @@ class MultiSlerp(MergeMethod):
 
     def merge(self, inputs: TensorInputs) -> Tensor:
         base, xs = inputs.base, inputs.tensors
-        if not xs:
-            if base is None:
-                raise ConfigError(f"{self.name}: no model has tensor '{inputs.name}'")
-            return base.clone()
-        if len(xs) == 1:
-            return xs[0]
+        single = inputs.single_input(self.name)
+        if single is not None:
+            return single
         if self.normalize_weights and abs(sum(inputs.weights)) < 1e-12:
             raise ConfigError(
                 f"{self.name}: the weights {inputs.weights} of tensor '{inputs.name}' sum to 0, so "

@@ -123,12 +123,9 @@ class NuSlerp(MergeMethod):
 
     def merge(self, inputs: TensorInputs) -> Tensor:
         base, xs = inputs.base, inputs.tensors
-        if not xs:
-            if base is None:
-                raise ConfigError(f"{self.name}: no model has tensor '{inputs.name}'")
-            return base.clone()
-        if len(xs) == 1:
-            return xs[0]
+        single = inputs.single_input(self.name)
+        if single is not None:
+            return single
         if len(xs) != 2:
             raise ConfigError(f"{self.name}: interpolates exactly two experts, got {len(xs)} for tensor "
                               f"'{inputs.name}'")

@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py
 
 demo: $(STAMP) $(DATA_STAMP)
-	$(BIN)/python -m lightning_merge.demo
+	$(BIN)/python -m lightning_merge.examples.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

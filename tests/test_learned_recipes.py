@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lightning_merge.cli import main
-from lightning_merge.lightning.make_recipe_models import make_recipe_models
+from lightning_merge.examples.make_recipe_models import make_recipe_models
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LEARNED = ["dam", "adamerging", "sens"]

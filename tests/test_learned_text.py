@@ -49,8 +49,8 @@ def _datamodule(exp, **kw):
 
 
 def _wrapped(exp, experts, **kw):
+    from lightning_merge.examples.encoder import TaskLogits
     from lightning_merge.learned import LearnedMerge
-    from lightning_merge.lightning.encoder import TaskLogits
 
     return LearnedMerge(TaskLogits(exp.module(), task_names=TASKS), experts, target="classifier.model", **kw)
 
@@ -93,7 +93,7 @@ def test_per_task_text_batches_are_deterministic_dicts_of_one_task_each(tiny_set
 def test_wrapper_with_constant_coefficients_is_task_arithmetic(tiny_setup, tmp_path, granularity):
     """λ = 0.4 for every expert (and tensor): the wrapper's logits are those of the EncoderClassifier
     whose encoder is the task-arithmetic merge; the encoder-only export is that encoder."""
-    from lightning_merge.lightning.encoder import EncoderClassifier
+    from lightning_merge.examples.encoder import EncoderClassifier
 
     root, exp, experts = tiny_setup
     lm = _wrapped(exp, experts, granularity=granularity, init=0.4).eval()

@@ -13,8 +13,8 @@ import yaml
 
 from lightning_merge import DareTies, Ties, merge_models
 from lightning_merge.cli import main
+from lightning_merge.examples.make_recipe_models import RECIPE_DATA, make_recipe_models
 from lightning_merge.lightning.data import SyntheticTokensDataModule
-from lightning_merge.lightning.make_recipe_models import RECIPE_DATA, make_recipe_models
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 #: the MergeCallback recipes (the search recipes hold a MergeSearch / DPPAAlphaSearch: tested below)

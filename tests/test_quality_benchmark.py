@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_merge.corpora import minilm_dir
 from lightning_merge.errors import SourceError
+from lightning_merge.examples.corpora import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

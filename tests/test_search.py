@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_merge import ConfigError, get_method, merge_models
+from lightning_merge.examples.make_recipe_models import RECIPE_DATA, make_recipe_models
 from lightning_merge.lightning.data import SyntheticTokensDataModule
-from lightning_merge.lightning.make_recipe_models import RECIPE_DATA, make_recipe_models
 from lightning_merge.lightning.search import MergeSearch, expand_grid
 from lightning_merge.lightning.search_space import sample_space
 from lightning_merge.lightning.tasks import SequenceClassifier

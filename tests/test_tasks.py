@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_merge import ConfigError, Ties, merge_models
+from lightning_merge.examples.make_recipe_models import build_tokenizer, save_tiny_model
 from lightning_merge.lightning import MergeCallback
 from lightning_merge.lightning.data import (
     SyntheticTokensDataModule,
@@ -20,7 +21,6 @@ from lightning_merge.lightning.data import (
     synthetic_tokens,
     task_band,
 )
-from lightning_merge.lightning.make_recipe_models import build_tokenizer, save_tiny_model
 from lightning_merge.lightning.tasks import CausalLM, SequenceClassifier
 
 V, L, LABELS = 64, 8, 3

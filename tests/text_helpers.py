@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_merge.corpora import minilm_dir, prepare
 from lightning_merge.errors import SourceError
+from lightning_merge.examples.corpora import minilm_dir, prepare
 
 try:
     MINILM: str | None = minilm_dir()
@@ -21,7 +21,7 @@ def tiny_text_experiment(root: Path, tasks: list[str], sizes: dict[str, int], *,
     """An ``Experiment`` over a 2-layer, hidden-32 random BERT (MiniLM's vocabulary) with fitted heads."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lightning_merge.lightning.workflow import Experiment, prepare_heads
+    from lightning_merge.examples.workflow import Experiment, prepare_heads
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -3,7 +3,7 @@
 Uses the experts that ``run.py`` trained and cached (``<workdir>/<mode>/experts/<regime>/<task>``) and
 the same data files, heads and test splits (read only, never rewritten). For each learned family, a
 :class:`lightning_merge.learned.LearnedMerge` wraps the benchmark's :class:`EncoderClassifier` through
-:class:`~lightning_merge.lightning.encoder.TaskLogits` (only the encoder is merged; the probe heads
+:class:`~lightning_merge.examples.encoder.TaskLogits` (only the encoder is merged; the probe heads
 stay frozen) and trains its merge coefficients with ``trainer.fit`` on per-task batches of the
 TRAIN splits (:class:`~lightning_merge.learned.PerTaskTextDataModule`, ``batch_size`` rows of every
 task per step):
@@ -55,11 +55,11 @@ sys.path.insert(0, str(HERE))
 
 from run import MAX_LENGTH, REGIMES, Store, key, scored, settings  # noqa: E402
 
-from lightning_merge.corpora import minilm_dir  # noqa: E402
+from lightning_merge.examples.corpora import minilm_dir  # noqa: E402
+from lightning_merge.examples.encoder import TaskLogits  # noqa: E402
+from lightning_merge.examples.workflow import Experiment, quiet_runtime  # noqa: E402
 from lightning_merge.learned import LearnedMerge, PerTaskTextDataModule  # noqa: E402
 from lightning_merge.learned.export import layer_means  # noqa: E402
-from lightning_merge.lightning.encoder import TaskLogits  # noqa: E402
-from lightning_merge.lightning.workflow import Experiment, quiet_runtime  # noqa: E402
 
 log = logging.getLogger("quality")
 

@@ -1,7 +1,7 @@
 """Quality benchmark: the seed papers' comparisons at small scale, on real models and data, offline.
 
 Base model: all-MiniLM-L6-v2 (6-layer BERT encoder). Tasks: sentiment, subjectivity, BBC topic,
-WordNet supersense (:mod:`lightning_merge.corpora`). Frozen per-task probe heads; experts fine-tune
+WordNet supersense (:mod:`lightning_merge.examples.corpora`). Frozen per-task probe heads; experts fine-tune
 the encoder on one task each, in two regimes: ``full`` (every encoder weight but the word
 embeddings) and ``lora`` (PEFT LoRA r=8 on the attention ``query``/``value`` projections, the
 adaptive-RMS paper's setting; merged in exact dense-delta space). Every merge is a
@@ -40,8 +40,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_merge import MergeCallback  # noqa: E402
-from lightning_merge.corpora import WORDNET_NOUNS, minilm_dir, prepare  # noqa: E402
-from lightning_merge.lightning.workflow import (  # noqa: E402
+from lightning_merge.examples.corpora import WORDNET_NOUNS, minilm_dir, prepare  # noqa: E402
+from lightning_merge.examples.workflow import (  # noqa: E402
     Experiment,
     evaluate,
     prepare_heads,

@@ -6,7 +6,7 @@ extra memory. The written model is the wrapped model's state dict with every tar
 replaced by θ*(c): loading it with ``from_pretrained`` gives the wrapper's outputs up to the
 export dtype's rounding (float32 by default: identical arithmetic). With ``target_only`` only the
 target submodule is written (names relative to it, the target's own ``config``): e.g. the merged
-encoder of a :class:`~lightning_merge.lightning.encoder.TaskLogits` wrapper, without its heads.
+encoder of a :class:`~lightning_merge.examples.encoder.TaskLogits` wrapper, without its heads.
 
 Files beside the weights:
 

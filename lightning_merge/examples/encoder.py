@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..lightning.tasks import DType, Finetune, _HFTaskModule
 from ..targets.atomic import atomic_file
-from .tasks import DType, Finetune, _HFTaskModule
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 and the quality benchmark.
 
 1. :func:`prepare_heads`: a linear probe per task on the frozen base encoder (``probe`` split),
-   saved once as the heads file every later model uses (:mod:`lightning_merge.lightning.encoder`);
+   saved once as the heads file every later model uses (:mod:`lightning_merge.examples.encoder`);
 2. :func:`train_expert`: ``trainer.fit`` of an :class:`EncoderClassifier` on one task's ``train``
    split (full fine-tune or LoRA), saved as an HF folder or a PEFT adapter; cached;
 3. :func:`evaluate`: ``trainer.test`` (or ``validate``) of the base encoder with any callbacks, e.g. a
@@ -10,7 +10,7 @@ and the quality benchmark.
    ``{task: accuracy}``.
 
 An :class:`Experiment` names the inputs: the base encoder folder, the data files per task and split
-(:func:`lightning_merge.corpora.prepare`), the heads file, and the loader settings.
+(:func:`lightning_merge.examples.corpora.prepare`), the heads file, and the loader settings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .data import TextClassificationDataModule
+from ..lightning.data import TextClassificationDataModule
 from .encoder import EncoderClassifier, fit_probe_heads, save_heads
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Create the tiny offline models the smoke recipes (``recipes/*.yaml``) merge.
 
-    python -m lightning_merge.lightning.make_recipe_models out/recipes [--steps 60] [--seed 0]
+    python -m lightning_merge.examples.make_recipe_models out/recipes [--steps 60] [--seed 0]
 
 writes, in a few seconds on a CPU, without any network:
 
@@ -85,7 +85,7 @@ def save_tiny_model(path: str | os.PathLike, kind: Literal["classifier", "causal
 
 
 def _batches(task: str, split: str, n: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    from .data import synthetic_tokens
+    from ..lightning.data import synthetic_tokens
 
     d = RECIPE_DATA
     data = synthetic_tokens(d["vocab_size"], d["seq_len"], n, task_index=d["tasks"].index(task),
@@ -176,7 +176,7 @@ def make_recipe_models(out: str | os.PathLike, *, steps: int = 60, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_merge.lightning.make_recipe_models",
+    parser = argparse.ArgumentParser(prog="python -m lightning_merge.examples.make_recipe_models",
                                      description="Write the tiny offline models of the smoke recipes.")
     parser.add_argument("out", nargs="?", default="out/recipes", help="output folder (default: out/recipes)")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps per expert (default 60)")

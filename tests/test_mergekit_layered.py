@@ -219,3 +219,10 @@ def test_layered_slices_equal_mergekit(llama_zoo, tmp_path, make):
     ours_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     mk_cfg = json.loads((out / "config.json").read_text())
     assert ours_cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
+
+
+def test_tokenizer_forms_are_refused_with_layer_slices(zoo):
+    c = {**frankenmerge(zoo), "tokenizer_source": "union"}
+    with pytest.raises(ConfigError, match="tokenizer_source: tokenizer forms other than the base's"):
+        parse_config(c)
+    assert isinstance(parse_config({**frankenmerge(zoo), "tokenizer_source": "base"}), LayeredRecipe)

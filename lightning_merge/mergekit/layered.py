@@ -348,6 +348,12 @@ def build_layered(cfg: Mapping[str, Any], resolve: PathResolver, parse_models: C
                 hint = (f" (slices[{k}]: base_model '{_path(base)}' is not one of this slice's sources; add it "
                         "as a source with the same layer_range)")
             raise ConfigError(f"slices[{k}]: {e}{hint}") from None
+        tok = recipe.tokenizer
+        if tok is not None and not (tok.source == "base" and not tok.tokens and tok.pad_to_multiple_of is None
+                                    and tok.chat_template is None):
+            raise ConfigError(f"{tok.key}: tokenizer forms other than the base's tokenizer (and chat_template) "
+                              "are not supported with layer-range slices yet; merge with 'tokenizer_source: base' "
+                              "and set the tokenizer afterwards, or use 'models:'")
         parts.append(SlicePart(k, recipe, {p: start for p, _, start, _ in srcs}, out_start, n,
                                pre=k == 0, post=k == len(slices) - 1))
         out_start += n

@@ -41,8 +41,24 @@ REQUIRED_HINTS = {"t": " (the interpolation factor: 0 = base_model, 1 = the othe
 
 
 
-def spec_for(merge_method: str) -> MergekitSpec:
+#: ``dialect:`` values: whose parameter names and defaults the YAML uses
+DIALECTS = ("mergekit", "lightning_merge")
+
+
+def spec_for(merge_method: str, dialect: str = "mergekit") -> MergekitSpec:
+    """The spec that reads ``merge_method``'s parameters: mergekit's (names, defaults and semantics
+    translated) for a mergekit name, else our own class's; with ``dialect: lightning_merge`` always
+    our own (``merge_method: ties`` then takes every :class:`~lightning_merge.methods.Ties` field)."""
     name = merge_method.strip().lower().replace("-", "_")
+    if dialect not in DIALECTS:
+        raise ConfigError(f"dialect: {dialect!r} is not one of {list(DIALECTS)}; 'lightning_merge' reads our own "
+                          "parameter names and defaults, 'mergekit' (the default) mergekit's")
+    if dialect == "lightning_merge":
+        cls = _ensure_registered(name)
+        if cls is None:
+            raise ConfigError(f"merge_method: unknown lightning_merge method '{merge_method}'; known: "
+                              f"{_all_method_names()}")
+        return _native_spec(cls)
     if name in MERGEKIT_METHODS:
         return MERGEKIT_METHODS[name]
     if name in UNSUPPORTED_MERGEKIT:

@@ -32,6 +32,7 @@ from .recipe import MergeRecipe, tensor_names
 from .refs import Entry, PathResolver, is_adapter, model_entries, resolve_base
 from .settings import MergekitTensorParams, check_setting, tensor_dependent
 from .slices import parse_slices
+from .tokenizer import parse_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ __all__ = ["MERGEKIT_METHODS", "TOP_LEVEL_KEYS", "UNSUPPORTED_MERGEKIT", "parse_
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "seed", "slices", "modules",
+    "tokenizer_source", "tokenizer", "chat_template", "seed", "slices", "modules", "dialect",
 )
 
 
@@ -74,8 +75,7 @@ def _parse(cfg: dict[str, Any], paths: PathResolver, source: str | None) -> Any:
         cfg = parsed
     if not isinstance(cfg.get("merge_method"), str):
         raise ConfigError("merge_method: missing; e.g. 'merge_method: ties'")
-    spec = spec_for(cfg["merge_method"])
-    _check_tokenizer(cfg)
+    spec = spec_for(cfg["merge_method"], cfg.get("dialect", "mergekit"))
     out_dtype = _dtype(cfg)
     seed = cfg.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -83,6 +83,7 @@ def _parse(cfg: dict[str, Any], paths: PathResolver, source: str | None) -> Any:
 
     base_ref = resolve_base(cfg.get("base_model"), paths)
     entries, is_base = model_entries(cfg.get("models"), base_ref, paths)
+    tokenizer = parse_tokenizer(cfg, paths, base_ref, [e.path for e in entries])
     gparams = cfg.get("parameters") or {}
     if not isinstance(gparams, Mapping):
         raise ConfigError("parameters: expected a mapping of parameter -> value")
@@ -155,32 +156,9 @@ def _parse(cfg: dict[str, Any], paths: PathResolver, source: str | None) -> Any:
         tp = MergekitTensorParams(resolver.per_tensor, names_loader=lambda: tensor_names(donor))
     return MergeRecipe(
         method=method, base=donor, experts=[e.path for e in experts], weights=weights, tensor_params=tp,
-        out_dtype=out_dtype, seed=seed, merge_method=spec.name, notes=notes, source=source,
+        out_dtype=out_dtype, seed=seed, merge_method=spec.name, notes=notes, source=source, tokenizer=tokenizer,
     )
 
-
-
-def _check_tokenizer(cfg: dict[str, Any]) -> None:
-    ts = cfg.get("tokenizer_source")
-    if ts is not None and ts != "base":
-        raise ConfigError(
-            f"tokenizer_source: {ts!r} is not supported (only 'base': the base model's tokenizer, with "
-            "resized embeddings truncated to it); remove the key or set 'tokenizer_source: base'"
-        )
-    tok = cfg.get("tokenizer")
-    if tok is not None:
-        if not isinstance(tok, Mapping):
-            raise ConfigError("tokenizer: expected a mapping like {source: base}")
-        extra = sorted(set(tok) - {"source"})
-        if extra:
-            raise ConfigError(f"tokenizer.{extra[0]}: not supported; only 'tokenizer: {{source: base}}' is")
-        if tok.get("source", "union") != "base":
-            raise ConfigError(
-                f"tokenizer.source: {tok.get('source', 'union')!r} is not supported (mergekit's default is "
-                "'union'); use 'source: base' or remove 'tokenizer'"
-            )
-    if cfg.get("chat_template"):
-        raise ConfigError("chat_template: not supported; set the tokenizer's chat template after merging")
 
 
 def _dtype(cfg: dict[str, Any]) -> torch.dtype | None:

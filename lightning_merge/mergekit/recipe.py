@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import MergeMethod
 from .settings import LayerIndex, MergekitTensorParams
+from .tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class MergeRecipe:
         merge_method: the YAML's ``merge_method``.
         notes: translation remarks (logged when merging).
         source: the YAML file, if parsed from one.
+        tokenizer: the tokenizer form (``tokenizer_source``, ``tokenizer``, ``chat_template``), or
+            None: the base's tokenizer files are copied and resized embeddings truncated.
     """
 
     method: MergeMethod
@@ -46,6 +49,7 @@ class MergeRecipe:
     merge_method: str = ""
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    tokenizer: TokenizerSpec | None = None
 
     def check_tensors(self, names: Sequence[str]) -> None:
         """Resolve the per-tensor parameters of every name now (raises ConfigError before any output)."""
@@ -69,19 +73,33 @@ class MergeRecipe:
         progress: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the merge with :func:`lightning_merge.api.merge_models` (CLI-level overrides win)."""
+        """Run the merge with :func:`lightning_merge.api.merge_models` (CLI-level overrides win).
+
+        With a tokenizer form the inputs are opened here and passed as views whose embeddings are
+        in the output vocabulary, the output tokenizer built and checked before anything is
+        written (:func:`~.tokenizer_build.tokenizer_sources`)."""
         from ..api import merge_models
 
         for note in self.notes:
             log.warning("%s", note)
         if self.tensor_params is not None:
             self.check_tensors(tensor_names(self.base if self.base is not None else self.experts[0]))
-        return merge_models(
-            self.base, self.experts, self.method, weights=self.weights,
-            seed=seed if seed is not None else (self.seed or 0), out=out, device=device,
-            out_dtype=out_dtype if out_dtype is not None else self.out_dtype,
-            tensor_params=self.tensor_params, overwrite=overwrite, progress=progress, **kwargs,
-        )
+
+        def run(base: Any, experts: Sequence[Any]) -> Any:
+            return merge_models(
+                base, experts, self.method, weights=self.weights,
+                seed=seed if seed is not None else (self.seed or 0), out=out, device=device,
+                out_dtype=out_dtype if out_dtype is not None else self.out_dtype,
+                tensor_params=self.tensor_params, overwrite=overwrite, progress=progress, **kwargs,
+            )
+
+        if self.tokenizer is None:
+            return run(self.base, self.experts)
+        from .tokenizer_build import tokenizer_sources
+
+        donor = self.base if self.base is not None else self.experts[0]
+        with tokenizer_sources(self.tokenizer, donor, self.experts) as (base, experts):
+            return run(base, experts)
 
 
 def tensor_names(spec: Any) -> list[str]:

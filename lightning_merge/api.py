@@ -140,7 +140,7 @@ def merge_models(
         )
         layout = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
         inputs += preflight.input_paths([base_src, *expert_srcs])
-        stream = run_plan(plan, progress=progress)
+        stream = run_plan(plan, progress=progress, delta=out_format == "peft")
         if out is None:
             result: Any = dict(stream)
             where = "a state dict"
@@ -168,7 +168,11 @@ def merge_models(
                                           metadata={"lightning_merge_method": method.name})
             where = f"'{out}'"
         elif out_format == "peft":
-            result = _save_adapter(stream, base_src, base, out, adapter_rank, overwrite, inputs)
+            from .targets.peft_adapter import save_lora_adapter
+
+            label = str(base) if isinstance(base, (str, os.PathLike)) else None
+            result = save_lora_adapter(stream, out, rank=adapter_rank, base_model_name_or_path=label,
+                                       overwrite=overwrite, inputs=inputs)
             where = f"the LoRA adapter '{out}' (rank {adapter_rank})"
         else:
             from .targets.hf import save_hf_folder
@@ -193,21 +197,6 @@ def merge_models(
 
 #: ``extra`` key marking the one summary line a merge logs (the CLI prints its own instead)
 SUMMARY = "lightning_merge_summary"
-
-
-def _save_adapter(stream, base_src: Source, base: Any, out, rank: int, overwrite: bool, inputs: list[Path]) -> Any:
-    """Turn merged tensors into merged - base deltas and factorize them into a LoRA adapter."""
-    from .targets.peft_adapter import save_lora_adapter
-
-    def deltas():
-        for name, merged in stream:
-            if merged.is_floating_point() and name in base_keys:
-                yield name, merged.to(torch.float32) - base_src.get(name).to(torch.float32)
-
-    base_keys = set(base_src.keys())
-    label = str(base) if isinstance(base, (str, os.PathLike)) else None
-    return save_lora_adapter(deltas(), out, rank=rank, base_model_name_or_path=label, overwrite=overwrite,
-                             inputs=inputs)
 
 
 _DTYPES = {

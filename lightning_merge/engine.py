@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, IncompatibleTensorError
-from .methods.base import MergeMethod, TensorInputs, check_weights
+from .methods.base import MergeMethod, Space, TensorInputs, check_weights
 from .naming import tensor_groups
 from .sources.base import Source, align
 
@@ -63,11 +63,16 @@ class TensorTask:
 
 @dataclass
 class MergePlan:
+    """Every tensor's task, and how the inputs are read: ``space`` ("delta": δ = θ − θ₀ for every
+    full-weight source, "weight": θ₀ + δ for every delta source) is the method's, or given for a
+    plan that only loads (``method`` None: the search cache, the learned merges' bank)."""
+
     base: Source | None
     experts: list[Source]
-    method: MergeMethod
+    method: MergeMethod | None
     weights: list[float]
     tasks: list[TensorTask]
+    space: Space = "delta"
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tensor_params: TensorParams | None = None
@@ -157,8 +162,9 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 def build_plan(
     base: Source | None,
     experts: Sequence[Source],
-    method: MergeMethod,
+    method: MergeMethod | None,
     *,
+    space: Space | None = None,
     weights: Sequence[float] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -172,20 +178,25 @@ def build_plan(
 
     Raises :class:`ConfigError` / :class:`SourceError` / :class:`IncompatibleTensorError` naming the
     file, tensor or parameter at fault. Reads only names, shapes and dtypes, never tensor data.
+    ``method=None`` plans loading only, in ``space`` (``load_inputs``; nothing is merged).
     """
+    if method is None and space not in ("delta", "weight"):
+        raise ConfigError("build_plan: a plan without a method needs space='delta' or 'weight'")
     if not experts:
         raise ConfigError("no experts given: pass at least one fine-tuned model or adapter")
     n = len(experts)
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n:
         raise ConfigError(f"weights has {len(weights)} values for {n} experts; give one weight per expert")
-    check_weights(method.name, weights, allow_negative=method.allow_negative_weights)
-    method.check_experts(n)
+    if method is not None:
+        check_weights(method.name, weights, allow_negative=method.allow_negative_weights)
+        method.check_experts(n)
     if vocab_policy not in ("truncate", "pad_mean", "error"):
         raise ConfigError(f"vocab_policy '{vocab_policy}' is not one of ['truncate', 'pad_mean', 'error']")
     if base is None:
-        if method.requires_base:
-            raise ConfigError(f"merge method '{method.name}' needs a base model; pass base=...")
+        if method is None and space == "delta" or method is not None and method.requires_base:
+            what = f"merge method '{method.name}'" if method is not None else "reading task vectors"
+            raise ConfigError(f"{what} needs a base model; pass base=...")
         if any(e.kind == "delta" for e in experts):
             bad = [e.label for e in experts if e.kind == "delta"]
             raise ConfigError(f"adapters {bad} hold deltas only; pass the base model they were trained on")
@@ -267,8 +278,8 @@ def build_plan(
         _warn_missing(base, aligned, tasks)
 
     return MergePlan(
-        base=base, experts=aligned, method=method, weights=weights, tasks=tasks, seed=seed,
-        device=torch.device(device), tensor_params=tensor_params, check_finite=check_finite,
+        base=base, experts=aligned, method=method, weights=weights, tasks=tasks, space=space or method.space,
+        seed=seed, device=torch.device(device), tensor_params=tensor_params, check_finite=check_finite,
     )
 
 
@@ -299,6 +310,8 @@ def _checked(t: Tensor, src: Source, name: str, check: bool) -> Tensor:
 
 def method_for(plan: MergePlan, name: str) -> tuple[MergeMethod, list[float]]:
     """The method and weights for one tensor, after per-tensor overrides."""
+    if plan.method is None:
+        raise ConfigError("this plan only loads inputs (no merge method)")
     if plan.tensor_params is None:
         return plan.method, plan.weights
     params = dict(plan.tensor_params(name) or {})
@@ -310,11 +323,11 @@ Reader = Callable[[Source, str], Tensor]
 
 
 def load_inputs(plan: MergePlan, task: TensorTask, read: Reader | None = None) -> TensorInputs:
-    """Read one tensor from the base and every expert that has it, as the method's space wants.
+    """Read one tensor from the base and every expert that has it, in the plan's space.
 
     ``read(source, name)`` replaces ``source.get(name)``: the sharded route reads only a rank's
     rows with it (tasks without vocabulary truncation or padding)."""
-    method, weights = method_for(plan, task.name)
+    weights = method_for(plan, task.name)[1] if plan.method is not None else plan.weights
     dev = plan.device
     get: Reader = read or (lambda src, name: src.get(name))
     base_t = None
@@ -332,9 +345,9 @@ def load_inputs(plan: MergePlan, task: TensorTask, read: Reader | None = None) -
         if task.pad_rows is not None:
             t = _pad_rows(t, task.pad_rows) if src.kind == "full" else _pad_zero(t, task.pad_rows)
         owned = src.fresh_tensors or t.data_ptr() != raw.data_ptr()
-        if method.space == "delta" and src.kind == "full":
+        if plan.space == "delta" and src.kind == "full":
             t = t.sub_(base_t) if owned else t - base_t
-        elif method.space == "weight" and src.kind == "delta":
+        elif plan.space == "weight" and src.kind == "delta":
             t = t.add_(base_t) if owned else base_t + t
         elif not owned:
             t = t.clone()  # methods may work in place on their inputs
@@ -385,20 +398,22 @@ def compute_statistics(plan: MergePlan, names: Sequence[str] | None = None, gath
     return stats
 
 
-def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = None) -> Tensor:
-    """Merge (or copy) one tensor; returns it on CPU in the output dtype."""
+def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = None, *,
+               delta: bool = False) -> Tensor:
+    """Merge (or copy) one tensor; returns it on CPU in the output dtype (``delta``: the merged
+    task vector θ* − θ₀ in float32, for a merge task)."""
     if task.action == "copy":
         return _copy(plan, task)
     if inputs is None:
         inputs = load_inputs(plan, task)
     method, _ = method_for(plan, task.name)
-    out = method.merge(inputs)
+    out = method.merge_delta(inputs) if delta else method.merge(inputs)
     if not bool(torch.isfinite(out).all()):
         raise IncompatibleTensorError(
             f"merged tensor '{task.name}' is not finite with method {method.describe()}; "
             "check the hyperparameters (e.g. a zero weight sum)"
         )
-    return out.to(task.out_dtype).to("cpu")
+    return out.to("cpu") if delta else out.to(task.out_dtype).to("cpu")
 
 
 def iter_inputs(plan: MergePlan, tasks: Sequence[TensorTask]) -> Iterator[tuple[TensorTask, TensorInputs | None]]:
@@ -425,16 +440,19 @@ def run_plan(
     names: Sequence[str] | None = None,
     *,
     progress: bool | None = None,
+    delta: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` for ``names`` (default: all), reading ahead one tensor.
 
-    Statistics passes run first when the method has them and they were not computed yet.
-    ``progress=None`` shows a bar only on an interactive terminal for merges of over 1e8 values.
+    ``delta=True`` yields the merged task vectors θ* − θ₀ (float32) of the merged tensors only (no
+    copied ones), as a PEFT adapter stores them. Statistics passes run first when the method has
+    them and they were not computed yet. ``progress=None`` shows a bar only on an interactive
+    terminal for merges of over 1e8 values.
     """
     if plan.method.statistics_passes > 0 and plan.stats is None:
         compute_statistics(plan)
     wanted = None if names is None else set(names)
-    tasks = [t for t in plan.tasks if wanted is None or t.name in wanted]
+    tasks = [t for t in plan.tasks if (wanted is None or t.name in wanted) and not (delta and t.action == "copy")]
     total = sum(t.numel for t in tasks)
     bar = None
     if progress or (progress is None and total > 1e8):
@@ -444,7 +462,7 @@ def run_plan(
                    disable=None if progress is None else not progress)
 
     for task, inputs in iter_inputs(plan, tasks):
-        yield task.name, merge_task(plan, task, inputs)
+        yield task.name, merge_task(plan, task, inputs, delta=delta)
         del inputs
         if bar is not None:
             bar.update(1)

@@ -188,3 +188,31 @@ def test_mergekit_yaml_round_trips_through_the_native_form(mk_name):
     base = None if spec.base == "input" else first.base  # there the recipe's base only donates config.json
     back = _yaml_round_trip(native_config(first.method, base, first.experts, first.weights))
     assert back.method == first.method and back.weights == first.weights and back.experts == first.experts
+
+
+@pytest.mark.parametrize("name", CORE_METHODS)
+def test_merged_delta_is_the_merge_minus_the_base(name):
+    """``run_plan(delta=True)`` (what a PEFT adapter stores) gives θ* − θ₀ of the same merge, with
+    the same random draws, and leaves copied tensors out."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base, deltas = tensors((6, 5), 7, n_experts(name))
+    b = StateDictSource({key: base, "steps": torch.tensor([3])}, "base")
+    es = [StateDictSource({key: base + d}, f"e{i}") for i, d in enumerate(deltas)]
+    m = get_method(name, **TYPICAL.get(name, {}))
+    full = dict(run_plan(build_plan(b, es, m, seed=5)))
+    delta = dict(run_plan(build_plan(b, es, m, seed=5), delta=True))
+    assert set(delta) == {key} and delta[key].dtype == torch.float32
+    torch.testing.assert_close(delta[key], full[key] - base, atol=1e-6, rtol=1e-5)
+
+
+def test_a_loading_plan_needs_no_method():
+    key = "w"
+    base = torch.randn(3, 4)
+    b = StateDictSource({key: base}, "base")
+    es = [StateDictSource({key: base + 1.0}, "e0")]
+    from lightning_merge.engine import load_inputs
+
+    plan = build_plan(b, es, None, space="delta")
+    torch.testing.assert_close(load_inputs(plan, plan.task(key)).tensors[0], torch.ones(3, 4), rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="space='delta' or 'weight'"):
+        build_plan(b, es, None)

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from ..engine import MergePlan, TensorTask, VocabPolicy, build_plan, load_inputs
 from ..errors import ConfigError
-from ..methods.linear import TaskArithmetic
 from ..sources.base import ModuleSource, Source, align
 from ..sources.resolve import open_source
 from ..targets.module import is_dtensor, is_sharded, local_part
@@ -66,7 +65,7 @@ class _Opener:
                 raw = open_source(self.base)
                 opened.append(raw)
                 base_src = align(raw, ModuleSource(target).keys())
-            return build_plan(base_src, srcs, TaskArithmetic(), vocab_policy=self.vocab_policy)
+            return build_plan(base_src, srcs, None, space="delta", vocab_policy=self.vocab_policy)
         except BaseException:
             for s in opened:
                 s.close()

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from ..engine import TensorTask, build_plan, load_inputs
-from ..methods.linear import TaskArithmetic
 from ..sources.base import ModuleSource, Source, StateDictSource, align
 from ..targets.module import WeightBackup, find_tensor
 from .ranks import Comm, split_tasks
@@ -105,7 +104,7 @@ def cache_inputs(
     cached: list[dict[str, torch.Tensor]] = [{} for _ in experts]
     kinds = ["delta" if store == "delta" else e.kind for e in experts]
     if store == "delta":
-        plan = build_plan(base_src, list(experts), TaskArithmetic(), device=device)
+        plan = build_plan(base_src, list(experts), None, space="delta", device=device)
         want = set(wanted)
         for task in plan.tasks:
             if task.action != "merge" or task.name not in want or not task.experts:
@@ -147,7 +146,7 @@ def cache_sharded_inputs(
     backup = WeightBackup(target, keys)  # this rank's shard only
     gathered = GatheredBase(target, label) if base is None else None
     base_src: Source = gathered if gathered is not None else align(base, keys)  # type: ignore[arg-type]
-    plan = build_plan(base_src, list(experts), TaskArithmetic(), device=device)
+    plan = build_plan(base_src, list(experts), None, space="delta", device=device)
     tasks = [t for t in plan.tasks if t.action == "merge" and t.experts and base_src.dtype(t.name).is_floating_point
              and find_tensor(target, t.name) is not None]
     shares = split_tasks(tasks, comm.world)

@@ -122,6 +122,15 @@ class MergeMethod:
         """Return the merged full tensor (float32, on ``inputs.device``)."""
         raise NotImplementedError
 
+    def merge_delta(self, inputs: TensorInputs) -> Tensor:
+        """The merged task vector θ* − θ₀ (float32), for outputs that store deltas (a PEFT
+        adapter). Default: :meth:`merge` minus the base; the task-arithmetic family returns its
+        λ · combine(δ) directly, without adding θ₀ and subtracting it again."""
+        if inputs.base is None:
+            raise ConfigError(f"{self.name}: a merged delta needs the base model; pass base=...")
+        base = inputs.base
+        return self.merge(inputs).sub_(base)
+
     # statistics protocol (methods with statistics_passes > 0 override these)
     def init_statistics(self) -> Any:
         return None
@@ -183,6 +192,13 @@ class DeltaMethod(MergeMethod):
             return inputs.base.clone()
         # combine() returns a new tensor or one of the method's own inputs: finish it in place
         return self.combine(inputs).mul_(self.lambda_).add_(inputs.base)
+
+    def merge_delta(self, inputs: TensorInputs) -> Tensor:
+        if inputs.base is None:
+            raise ConfigError(f"{self.name} needs a base model to compute task vectors; pass base=...")
+        if not inputs.tensors:
+            return torch.zeros_like(inputs.base)
+        return self.combine(inputs).mul_(self.lambda_)
 
 
 def explain(*classes: type[MergeMethod], math: str | None) -> None:

@@ -6,8 +6,8 @@ and merging into the sharded classifier in ``validate`` (factors and merged weig
 
 Every rank reads examples r, r + W, ... of the 12 (so the ranks' batches together are the
 1-process batch of 6), fits 2 epochs (3 with ``resume``, continuing from the distributed
-checkpoint folder of the 2-epoch run), writes its coefficients, its bank's footprint and, on
-rank 0, the exported merged model."""
+checkpoint folder of the 2-epoch run), writes its coefficients, its bank's footprint, what
+:class:`Recorded` saw of the meta-device load and, on rank 0, the exported merged model."""
 
 from __future__ import annotations
 
@@ -59,6 +59,40 @@ class Dump(pl.Callback):
                                                                "sharded": pl_module.bank.sharded}))
 
 
+class Recorded(LearnedMerge):
+    """Writes ``meta{rank}.json`` at its first ``configure_model``: whether every parameter of the
+    wrapped model was on meta (and every buffer real) at the start, and after the setup whether
+    each rank's local shards equal the rows of the folder's tensors (numels: this rank's, the model's)."""
+
+    def configure_model(self) -> None:
+        from lightning_merge.lightning.sharded import local_box
+        from lightning_merge.sources.resolve import open_source
+        from lightning_merge.targets.module import is_dtensor, local_part
+
+        first = not self.bank.loaded
+        record = {"meta_at_start": all(p.is_meta for p in self.model.parameters()),
+                  "buffers_real": all(not b.is_meta for b in self.model.buffers())}
+        super().configure_model()
+        if not first:
+            return
+        rank, world = RankShard._where()
+        src = open_source(self.model_path)
+        equal, local_numel, full_numel = [], 0, 0
+        for name, p in self.model.named_parameters():
+            local = local_part(p).detach().cpu()
+            box = local_box(p, rank, world) if is_dtensor(p) else None
+            if not is_dtensor(p):
+                want = src.get(name)
+            else:
+                want = src.get_rows(name, box[0].start, box[0].stop) if box is not None else src.get(name)[:0]
+            equal.append(not local.is_meta and torch.equal(local, want.to(local.dtype)))
+            local_numel, full_numel = local_numel + local.numel(), full_numel + p.numel()
+        src.close()
+        record.update(rows_equal=all(equal), tensors=len(equal), local_numel=local_numel, full_numel=full_numel,
+                      sharded=self._sharded)
+        (self.record_dir / f"meta{rank}.json").write_text(json.dumps(record))
+
+
 class PerTask(torch.utils.data.Dataset):
     """{task: example} items (the dam objective pairs each expert with its task's batch)."""
 
@@ -81,9 +115,10 @@ def main(zoo: Path, out: Path, world: int, granularity: str, objective: str, res
     if objective == "dam":
         data = PerTask(data, tasks)
     loader = torch.utils.data.DataLoader(data, batch_size=6 // world, sampler=RankShard(12))
-    module = LearnedMerge(str(zoo / "base"), experts, granularity=granularity, objective=objective, lr=0.05,
+    module = Recorded(str(zoo / "base"), experts, granularity=granularity, objective=objective, lr=0.05,
                           expert_tasks=tasks if objective == "dam" else None, kl_normalization="per_token",
                           export_dir=str(out / "export"), overwrite=True)
+    module.record_dir = out
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True)
     sharded = world > 1 or os.environ.get("LM_FORCE_MP")  # LM_FORCE_MP=1: the sharded code path on 1 rank
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if sharded else "auto"

@@ -1,6 +1,7 @@
 """``LearnedMerge`` under a real ``Trainer(strategy=ModelParallelStrategy(...))`` with 2 and 3 CPU
-processes (gloo): the model is sharded with FSDP2, each rank's bank holds only its rows, and the
-coefficients equal a 1-process fit over the same global batches.
+processes (gloo): the model is built on the meta device, sharded with FSDP2, each rank reads only
+its shards' rows of the base folder, each rank's bank holds only its rows, and the coefficients
+equal a 1-process fit over the same global batches.
 
 Tolerance. The ranks reduce the coefficient gradients in another order (per-rank sums over their
 rows, then an all-reduce): the first step's gradient agrees to ~5e-10 absolute. Adam divides by
@@ -65,6 +66,13 @@ def test_column_dam_on_two_shards_equals_one_process(zoo, tmp_path):
     assert not full["sharded"] and all(p["sharded"] for p in parts)
     assert sum(p["base"] for p in parts) == full["base"] and sum(p["deltas"] for p in parts) == full["deltas"]
     assert all(p["base"] < 0.6 * full["base"] and p["deltas"] < 0.6 * full["deltas"] for p in parts)
+    # the model was a meta-device skeleton until configure_model; then each rank read only its
+    # shards' rows of the folder's tensors (together the whole model, none of it twice)
+    metas = [json.loads((d / f"meta{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
+    assert all(m["meta_at_start"] and m["buffers_real"] and m["rows_equal"] for m in metas), metas
+    assert not metas[0]["sharded"] and metas[0]["local_numel"] == metas[0]["full_numel"]
+    assert metas[1]["sharded"] and metas[1]["local_numel"] + metas[2]["local_numel"] == metas[0]["full_numel"]
+    assert all(m["local_numel"] < 0.6 * m["full_numel"] for m in metas[1:])
     # the export (gathered on rank 0) is the merged model of the 1-process run
     a, b = load_file(str(one / "export" / "model.safetensors")), load_file(str(two / "export" / "model.safetensors"))
     assert set(a) == set(b)
@@ -86,6 +94,9 @@ def test_tensor_entropy_on_three_shards_resumes_from_checkpoint_folder(zoo, tmp_
     assert max((first[k] - coefficients(resumed)[k]).abs().max().item() for k in first) > 1e-2  # it trained on
     uneven = [json.loads((resumed / f"bank{r}.json").read_text())["base"] for r in range(3)]
     assert len(set(uneven)) > 1  # the rows do not split evenly over 3 ranks
+    metas = [json.loads((resumed / f"meta{r}.json").read_text()) for r in range(3)]  # uneven rows, read from meta
+    assert all(m["meta_at_start"] and m["rows_equal"] and m["sharded"] for m in metas), metas
+    assert sum(m["local_numel"] for m in metas) == metas[0]["full_numel"]
 
 
 def sens(zoo: Path, out: Path, world: int) -> Path:

@@ -7,6 +7,7 @@ Everything here runs in ``__init__``, before any model is read: a bad value rais
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["STORAGE_DTYPES", "build_model", "check_args", "check_path"]
+log = logging.getLogger(__name__)
+
+__all__ = ["STORAGE_DTYPES", "build_model", "check_args", "check_path", "pair_expert_tasks"]
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -99,12 +102,30 @@ def check_args(who: str, a: Mapping[str, Any]) -> None:
         raise _err(who, f"model_kwargs must be a dict of from_pretrained arguments, got {a['model_kwargs']!r}")
 
 
+def pair_expert_tasks(expert_tasks: list[str] | None, names: Sequence[str] | None, n: int) -> list[str] | None:
+    """``objective="dam"``: the data task of each of the ``n`` experts, checked against the data
+    module's task ``names`` (default: its first ``n`` tasks)."""
+    if expert_tasks is None:
+        if not names or len(names) < n:
+            raise ConfigError(f"LearnedMerge: objective='dam' pairs each of the {n} experts with its task's "
+                              f"data, but the data module names {list(names or [])}; set expert_tasks")
+        return list(names)[:n]
+    if names:
+        missing = [t for t in expert_tasks if t not in names]
+        if missing:
+            raise ConfigError(f"LearnedMerge: expert_tasks {missing} are not tasks of the data module ({list(names)})")
+    return expert_tasks
+
+
 def build_model(who: str, spec: Any, model_class: str = "auto", model_kwargs: Mapping[str, Any] | None = None
                 ) -> tuple[nn.Module, str | None]:
     """The model to merge into and the folder it came from (None for a module given in memory).
 
-    A folder is loaded in float32 with ``transformers.<model_class>.from_pretrained``;
-    ``model_class="auto"`` uses the first of ``architectures`` in its config.json (else ``AutoModel``).
+    A folder is built with ``transformers.<model_class>`` (``model_class="auto"``: the first of
+    ``architectures`` in its config.json, else ``AutoModel``) with its parameters on the meta device,
+    to be read when the module is set up (:mod:`.meta`); where that cannot give exactly what
+    ``from_pretrained`` gives (e.g. a head the checkpoint lacks), it is loaded in float32 with
+    ``from_pretrained`` now, and one INFO line says why.
     """
     if isinstance(spec, nn.Module):
         return spec, None
@@ -129,5 +150,11 @@ def build_model(who: str, spec: Any, model_class: str = "auto", model_kwargs: Ma
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise _err(who, f"model_class = '{model_class}' is not a transformers model class (e.g. "
                             "'AutoModelForCausalLM', 'AutoModelForSequenceClassification', or 'auto')")
-    model = cls.from_pretrained(str(path), dtype=torch.float32, **dict(model_kwargs or {}))
+    from .meta import build_skeleton
+
+    model, why = build_skeleton(path, cls, model_kwargs)
+    if model is None:
+        log.info("%s: model '%s' is loaded whole in __init__ (from_pretrained; under ModelParallelStrategy every "
+                 "rank holds it before sharding) because %s", who, spec, why)
+        model = cls.from_pretrained(str(path), dtype=torch.float32, **dict(model_kwargs or {}))
     return model, str(path)

@@ -26,7 +26,10 @@ the coefficients and their Adam states (N × tensors, or N × Σ in_features for
 During a step: one float32 merged copy of the target (each merged tensor is built by
 :class:`~lightning_merge.learned.combine.Combine`, which keeps only the coefficients for the
 backward; autograd keeps each merged weight for the layer's input gradient), and with ``dam``
-one transient float32 copy of θ_m per teacher forward. Never N float32 model copies.
+one transient float32 copy of θ_m per teacher forward. Never N float32 model copies. A Hugging
+Face folder is built in ``__init__`` with its parameters on the meta device and read when the
+trainer sets the module up (or at first use): whole, or under ``ModelParallelStrategy`` each rank
+only the rows of its shards, so no rank holds the whole model (:mod:`.meta`).
 
 DDP: the frozen tensors are excluded from DDP's broadcasts (``_ddp_params_and_buffers_to_ignore``;
 every rank reads the same files), the coefficient gradients are averaged, so the coefficients
@@ -55,8 +58,9 @@ from ..lightning.callback import find_target
 from ..sources.resolve import open_source
 from .bank import ExpertBank
 from .coefficients import CoefficientFn, Coefficients, Granularity
-from .config import STORAGE_DTYPES, build_model, check_args, check_path
+from .config import STORAGE_DTYPES, build_model, check_args, check_path, pair_expert_tasks
 from .evaluation import MergedValidation
+from .meta import Placement, load_weights
 from .objectives import (
     KLNormalization,
     dam_kl,
@@ -182,7 +186,7 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         # laid out and checked now, read when the trainer sets the module up (shard-local when sharded)
         self.bank = ExpertBank.build(target_module, experts, base=base, storage_dtype=STORAGE_DTYPES[storage_dtype],
                                      adopt=True, vocab_policy=vocab_policy, load=False)
-        self._sharded = False
+        self._sharded, self._placement = False, Placement()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.coefficients = Coefficients(
@@ -197,8 +201,10 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
 
     # ---- reading the experts: when the trainer sets the module up, or at first use
     def load_bank(self) -> ExpertBank:
-        """Read the experts' task vectors now (once; the trainer does it in ``configure_model``)."""
+        """Read the model (a folder's meta skeleton) and the experts now (once; the trainer does it
+        in ``configure_model``)."""
         if not self.bank.loaded:
+            load_weights(self.model, self.model_path, self._placement.device)  # a meta-device skeleton (.meta)
             self.bank.load()
             # every rank reads the same files: keep the frozen tensors out of DDP's broadcasts
             self._ddp_params_and_buffers_to_ignore = [
@@ -259,6 +265,9 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         """The merged model's output for HF-style keyword inputs."""
         return self.call(self.merged_params(), inputs)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> LearnedMerge:
+        return super()._apply(self._placement.wrap(fn), recurse)  # a skeleton stays on meta until read (.meta)
+
     def train(self, mode: bool = True) -> LearnedMerge:
         super().train(mode)
         if not self.dropout:
@@ -267,21 +276,10 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
 
     # ---- data
     def setup(self, stage: str) -> None:
-        if self.objective != "dam" or stage != "fit":
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "train_tasks", None) or getattr(dm, "task_names", None)
-        n = self.bank.n_experts
-        if self.expert_tasks is None:
-            if not names or len(names) < n:
-                raise ConfigError(f"LearnedMerge: objective='dam' pairs each of the {n} experts with its task's "
-                                  f"data, but the data module names {list(names or [])}; set expert_tasks")
-            self.expert_tasks = list(names)[:n]
-        elif names:
-            missing = [t for t in self.expert_tasks if t not in names]
-            if missing:
-                raise ConfigError(f"LearnedMerge: expert_tasks {missing} are not tasks of the data module "
-                                  f"({list(names)})")
+        if self.objective == "dam" and stage == "fit":
+            dm = getattr(self.trainer, "datamodule", None)
+            names = getattr(dm, "train_tasks", None) or getattr(dm, "task_names", None)
+            self.expert_tasks = pair_expert_tasks(self.expert_tasks, names, self.bank.n_experts)
 
     # ---- objectives
     def objective_loss(self, batch: Any) -> Tensor:

@@ -2,9 +2,11 @@
 
 Under ``ModelParallelStrategy`` :class:`~lightning_merge.learned.LearnedMerge` shards its wrapped
 model in ``configure_model`` (``fully_shard`` on every transformer block, then on the model, over
-the data-parallel mesh), and only then reads the experts: each rank's
-:class:`~lightning_merge.learned.bank.ExpertBank` holds the rows of θ₀ and of every δ_m that its
-parameter shards hold. The coefficients stay ordinary (replicated) parameters outside the shards.
+the data-parallel mesh). A model built from a folder is a meta-device skeleton until then: each
+rank allocates its shards and reads their rows of the folder's tensors (:mod:`.meta`). Only then
+are the experts read: each rank's :class:`~lightning_merge.learned.bank.ExpertBank` holds the rows
+of θ₀ and of every δ_m that its parameter shards hold. The coefficients stay ordinary (replicated)
+parameters outside the shards.
 
 A step cannot run the model through ``functional_call`` with θ*(c) (FSDP2 gathers the parameters
 it manages), so the merged weights are written into the shards and the gradient is taken by the
@@ -41,10 +43,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..targets.module import local_part, reshard
+from .meta import has_meta_parameters, load_local_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardedRunner", "blocks_of", "gather_merged", "pull_back", "shard_model", "write_expert", "write_merged"]
+__all__ = ["ShardedRunner", "blocks_of", "gather_merged", "mesh_device", "pull_back", "shard_model", "write_expert",
+           "write_merged"]
 
 
 def blocks_of(model: nn.Module, target: nn.Module) -> list[nn.Module]:
@@ -57,9 +61,17 @@ def blocks_of(model: nn.Module, target: nn.Module) -> list[nn.Module]:
     return [m for lst in target.modules() if isinstance(lst, nn.ModuleList) for m in lst]
 
 
+def mesh_device(mesh: Any) -> torch.device:
+    """This rank's device on ``mesh`` (where ``fully_shard`` puts the shards)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+
+
 def shard_model(lm: Any, mesh: Any) -> None:
     """``fully_shard`` the wrapped model of ``lm`` (a LearnedMerge) over ``mesh``'s data-parallel
-    dimension, make the target's parameters differentiable (their gradients carry the chain rule)
+    dimension (a meta-device skeleton: then allocate the shards and read their rows of the folder's
+    tensors), make the target's parameters differentiable (their gradients carry the chain rule)
     and read the bank's rows."""
     from torch.distributed.fsdp import fully_shard
 
@@ -74,6 +86,9 @@ def shard_model(lm: Any, mesh: Any) -> None:
     for block in blocks_of(lm.model, target):
         fully_shard(block, mesh=dp)
     fully_shard(lm.model, mesh=dp)
+    if has_meta_parameters(lm.model):  # a skeleton (see .meta): each rank reads its rows of the folder's tensors
+        read = load_local_rows(lm.model, lm.model_path, mesh_device(dp))
+        log.info("LearnedMerge: read this rank's rows of '%s' (%.2f MB)", lm.model_path, read / 2**20)
     lm.bank.load()
     for n in lm.bank.names:  # after load (which freezes what it adopts): the gradients carry the chain rule
         target.get_parameter(n).requires_grad_(True)

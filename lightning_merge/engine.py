@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, IncompatibleTensorError
-from .methods.base import MergeMethod, Space, TensorInputs, check_weights
+from .methods.base import MergeMethod, TensorInputs, check_weights
 from .naming import tensor_groups
 from .sources.base import Source, align
+from .spaces import Space
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,8 @@ def build_plan(
         if method is None and space == "delta" or method is not None and method.requires_base:
             what = f"merge method '{method.name}'" if method is not None else "reading task vectors"
             raise ConfigError(f"{what} needs a base model; pass base=...")
-        if any(e.kind == "delta" for e in experts):
-            bad = [e.label for e in experts if e.kind == "delta"]
+        if any(e.space == "delta" for e in experts):
+            bad = [e.label for e in experts if e.space == "delta"]
             raise ConfigError(f"adapters {bad} hold deltas only; pass the base model they were trained on")
 
     ref_keys = base.keys() if base is not None else experts[0].keys()
@@ -288,7 +289,7 @@ def _warn_missing(base: Source, experts: Sequence[Source], tasks: Sequence[Tenso
     their target modules by design), with the count and the layer groups affected."""
     merged = [t for t in tasks if t.action == "merge"]
     for i, e in enumerate(experts):
-        if e.kind != "full":
+        if e.space != "weight":
             continue
         lacking = [t.name for t in merged if i not in t.experts]
         if lacking:
@@ -343,11 +344,11 @@ def load_inputs(plan: MergePlan, task: TensorTask, read: Reader | None = None) -
         t = raw[tuple(slice(0, s) for s in task.truncate[i])] if i in task.truncate else raw
         t = t.to(dev, torch.float32)
         if task.pad_rows is not None:
-            t = _pad_rows(t, task.pad_rows) if src.kind == "full" else _pad_zero(t, task.pad_rows)
+            t = _pad_rows(t, task.pad_rows) if src.space == "weight" else _pad_zero(t, task.pad_rows)
         owned = src.fresh_tensors or t.data_ptr() != raw.data_ptr()
-        if plan.space == "delta" and src.kind == "full":
+        if plan.space == "delta" and src.space == "weight":
             t = t.sub_(base_t) if owned else t - base_t
-        elif plan.space == "weight" and src.kind == "delta":
+        elif plan.space == "weight" and src.space == "delta":
             t = t.add_(base_t) if owned else base_t + t
         elif not owned:
             t = t.clone()  # methods may work in place on their inputs

@@ -82,7 +82,7 @@ def test_deltas_and_engine_merge_equal_peft(base, tmp_path, kind):
     src = LoraAdapterSource(tmp_path / kind)
     layers = _lora_layers(peft_model)
 
-    assert src.kind == "delta" and src.config_dir is None
+    assert src.space == "delta" and src.config_dir is None
     assert sorted(src.keys()) == sorted(layers)
     assert not any(k.startswith(PEFT_PREFIX) for k in src.keys())
     assert "model.layers.0.self_attn.q_proj.weight" in src.keys()

@@ -55,7 +55,7 @@ def test_with_a_base_the_expert_is_copied_and_an_adapter_delta_is_applied():
     assert torch.equal(merge(e, base=base, scale=2.0), e * 2.0)
     # a delta expert (LoRA-like) becomes base + delta in weight space
     b = StateDictSource({KEY: base}, "base")
-    delta = StateDictSource({KEY: e}, "lora", kind="delta")
+    delta = StateDictSource({KEY: e}, "lora", space="delta")
     out = dict(run_plan(build_plan(b, [delta], Passthrough())))[KEY]
     torch.testing.assert_close(out, base + e)
 

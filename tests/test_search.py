@@ -316,9 +316,9 @@ def test_cache_holds_float32_deltas_and_full_weights_for_weight_only_searches(zo
     m = module(zoo)
     srcs = [open_source(p) for p in [*experts(zoo), str(zoo / "lora_c")]]
     try:
-        inputs = cache_inputs(m.model, srcs, store="delta")
+        inputs = cache_inputs(m.model, srcs, space="delta")
         base = m.model.state_dict()
-        assert [e.kind for e in inputs.experts] == ["delta"] * 3
+        assert [e.space for e in inputs.experts] == ["delta"] * 3
         expert_a = merge_models(zoo / "base", experts(zoo)[:1], get_method("task_arithmetic"), seed=0)
         for k in inputs.experts[0].keys():
             d = inputs.experts[0].get(k)
@@ -326,15 +326,15 @@ def test_cache_holds_float32_deltas_and_full_weights_for_weight_only_searches(zo
             assert torch.allclose(d, expert_a[k].float() - base[k].float(), atol=1e-6), k
         # the LoRA adapter keeps only the tensors it changes
         assert 0 < len(inputs.experts[2].keys()) < len(inputs.experts[0].keys())
-        full = cache_inputs(m.model, srcs[:2], store="full")
-        assert [e.kind for e in full.experts] == ["full", "full"]
+        full = cache_inputs(m.model, srcs[:2], space="weight")
+        assert [e.space for e in full.experts] == ["weight", "weight"]
         k = full.experts[0].keys()[0]
         assert torch.equal(full.experts[0].get(k), srcs[0].get(k))  # the expert's own weights, as stored
     finally:
         for s in srcs:
             s.close()
-    assert MergeSearch(experts(zoo), candidates=[{"method": "linear"}])._store() == "full"
-    assert MergeSearch(experts(zoo), candidates=[{"method": "linear"}, {"method": "ties"}])._store() == "delta"
+    assert MergeSearch(experts(zoo), candidates=[{"method": "linear"}])._space() == "weight"
+    assert MergeSearch(experts(zoo), candidates=[{"method": "linear"}, {"method": "ties"}])._space() == "delta"
 
 
 def copy_experts(zoo: Path, root: Path) -> list[str]:

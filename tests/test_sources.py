@@ -78,7 +78,7 @@ def _assert_same(src: Source, ref: dict) -> None:
 def test_safetensors_file_roundtrip(llama):
     ref, root = llama
     src = SafetensorsFileSource(root / "single" / "model.safetensors")
-    assert src.kind == "full" and src.config_dir is None
+    assert src.space == "weight" and src.config_dir is None
     _assert_same(src, ref)
     # picklable (spawned workers): the handle is reopened lazily
     clone = pickle.loads(pickle.dumps(src))

@@ -69,9 +69,10 @@ from ..methods.registry import get_method
 from ..sources.base import Source
 from ..sources.identity import identified
 from ..sources.resolve import open_source
+from ..spaces import Space
 from ..targets.module import find_tensor, is_sharded, load_into_module
 from .ranks import Comm
-from .search_cache import SearchInputs, Store, cache_inputs, cache_sharded_inputs, module_device
+from .search_cache import SearchInputs, cache_inputs, cache_sharded_inputs, module_device
 from .search_log import log_rows, write_csv
 from .search_loop import PrivateValidationLoop, rearm_evaluation_loop
 from .search_space import expand_grid, sample_space
@@ -188,8 +189,9 @@ class BaseMergeSearch(Callback):
         """Everything that defines the search (hashed into :attr:`config_hash`)."""
         raise NotImplementedError
 
-    def _store(self) -> Store:
-        """``"delta"`` (the default) or ``"full"`` caching (see :mod:`.search_cache`)."""
+    def _space(self) -> Space:
+        """The space the experts are cached in: ``"delta"`` (the default) or ``"weight"`` (see
+        :mod:`.search_cache`)."""
         return "delta"
 
     @property
@@ -287,15 +289,15 @@ class BaseMergeSearch(Callback):
             label = f"<{self.target_name or 'module'} before the search>"
             if is_sharded(target):
                 inputs = cache_sharded_inputs(target, opened[:len(self.experts)], Comm(trainer), base=base,
-                                              store=self._store(), device=device, label=label)
+                                              space=self._space(), device=device, label=label)
             else:
-                inputs = cache_inputs(target, opened[:len(self.experts)], base=base, store=self._store(),
+                inputs = cache_inputs(target, opened[:len(self.experts)], base=base, space=self._space(),
                                       device=device, label=label)
         finally:
             for src in opened:
                 src.close()
         log.info("%s: %d experts cached (%s, %.1f MiB on %s)", type(self).__name__, len(self.experts),
-                 inputs.store, inputs.nbytes() / 2**20, inputs.device)
+                 inputs.space, inputs.nbytes() / 2**20, inputs.device)
         return target, inputs
 
     def _merge(self, candidate: dict[str, Any], target: nn.Module, inputs: SearchInputs) -> None:
@@ -449,8 +451,8 @@ class MergeSearch(BaseMergeSearch):
         return {"experts": self.experts, "candidates": self.candidates, "monitor": self.monitor, "mode": self.mode,
                 "seed": self.seed, "base": self.base, "target": self.target}
 
-    def _store(self) -> Store:
-        return "full" if all(m.space == "weight" for m, _ in self._methods) else "delta"
+    def _space(self) -> Space:
+        return "weight" if all(m.space == "weight" for m, _ in self._methods) else "delta"
 
     def _proposals(self) -> Generator[Proposal, float, None]:
         # not ``yield from``: the caller send()s each score, which a zip iterator cannot take

@@ -3,12 +3,12 @@
 :func:`cache_inputs` reads each expert (and ``base=`` when given) exactly once and keeps, per
 expert, either
 
-* ``store="delta"``: its task vector δ = expert − base as float32 (a LoRA adapter's dense δ as it
+* ``space="delta"``: its task vector δ = expert − base as float32 (a LoRA adapter's dense δ as it
   is), computed by the engine's own :func:`~lightning_merge.engine.load_inputs` (key alignment,
   vocabulary truncation and NaN/Inf checks included), so a delta-space method merges exactly the
   δ it would compute from the files; a weight-space method gets base + δ (the expert's weights up
   to float32 rounding); or
-* ``store="full"``: its weights in their own dtype (used when every candidate works on weights;
+* ``space="weight"``: its weights in their own dtype (used when every candidate works on weights;
   a LoRA adapter is kept as its dense δ either way).
 
 Only the tensors the merge can write are kept: floating-point tensors that the base (the target
@@ -17,7 +17,7 @@ changes) stay absent, so each candidate sees exactly the experts the engine woul
 
 Everything lives on ``device``: ``cpu``, or the target's device (``cache_device="module"``), where
 the candidates are then merged too. Memory: the base once (target dtype, plus a CPU copy to
-restore the target from) and one float32 copy per expert (``store="delta"``).
+restore the target from) and one float32 copy per expert (``space="delta"``).
 
 Sharded targets (FSDP2, :func:`cache_sharded_inputs`): the tensors are dealt into one share per
 rank (:func:`~.ranks.split_tasks`); each rank caches the full base and the experts' task vectors
@@ -31,19 +31,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..engine import TensorTask, build_plan, load_inputs
 from ..sources.base import ModuleSource, Source, StateDictSource, align
+from ..spaces import Space
 from ..targets.module import WeightBackup, find_tensor
 from .ranks import Comm, split_tasks
 
 __all__ = ["SearchInputs", "cache_inputs", "cache_sharded_inputs", "module_device"]
 
-Store = Literal["delta", "full"]
 
 
 @dataclass
@@ -54,7 +53,7 @@ class SearchInputs:
     experts: list[StateDictSource]
     backup: WeightBackup
     device: torch.device
-    store: Store
+    space: Space
     #: sharded targets: the tensors each rank caches and merges (None: not sharded)
     shares: list[list[TensorTask]] | None = None
     comm: Comm | None = None
@@ -85,7 +84,7 @@ def cache_inputs(
     experts: Sequence[Source],
     *,
     base: Source | None = None,
-    store: Store = "delta",
+    space: Space = "delta",
     device: torch.device | str = "cpu",
     label: str = "<module before the search>",
 ) -> SearchInputs:
@@ -102,8 +101,8 @@ def cache_inputs(
     wanted = [k for k in base_src.keys() if base_cpu[k].dtype.is_floating_point]
 
     cached: list[dict[str, torch.Tensor]] = [{} for _ in experts]
-    kinds = ["delta" if store == "delta" else e.kind for e in experts]
-    if store == "delta":
+    spaces = ["delta" if space == "delta" else e.space for e in experts]
+    if space == "delta":
         plan = build_plan(base_src, list(experts), None, space="delta", device=device)
         want = set(wanted)
         for task in plan.tasks:
@@ -122,8 +121,8 @@ def cache_inputs(
     on_device = base_cpu if device.type == "cpu" else {k: v.to(device) for k, v in base_cpu.items()}
     return SearchInputs(
         base=StateDictSource(on_device, label=base_src.label),
-        experts=[StateDictSource(c, label=e.label, kind=k) for c, e, k in zip(cached, experts, kinds)],
-        backup=backup, device=device, store=store,
+        experts=[StateDictSource(c, label=e.label, space=k) for c, e, k in zip(cached, experts, spaces)],
+        backup=backup, device=device, space=space,
     )
 
 
@@ -133,7 +132,7 @@ def cache_sharded_inputs(
     comm: Comm,
     *,
     base: Source | None = None,
-    store: Store = "delta",
+    space: Space = "delta",
     device: torch.device | str = "cpu",
     label: str = "<module before the search>",
 ) -> SearchInputs:
@@ -155,9 +154,9 @@ def cache_sharded_inputs(
         gathered.full = gather_share(comm, target, shares)
     base_cpu = {t.name: base_src.get(t.name).detach().to("cpu", copy=True) for t in mine}
     cached: list[dict[str, torch.Tensor]] = [{} for _ in experts]
-    kinds = ["delta" if store == "delta" else e.kind for e in experts]
+    spaces = ["delta" if space == "delta" else e.space for e in experts]
     for task in mine:
-        if store == "delta":
+        if space == "delta":
             inputs = load_inputs(plan, task)
             for i, delta in zip(task.experts, inputs.tensors):
                 cached[i][task.name] = delta
@@ -169,6 +168,6 @@ def cache_sharded_inputs(
     on_device = base_cpu if device.type == "cpu" else {k: v.to(device) for k, v in base_cpu.items()}
     return SearchInputs(
         base=StateDictSource(on_device, label=base_src.label),
-        experts=[StateDictSource(c, label=e.label, kind=k) for c, e, k in zip(cached, experts, kinds)],
-        backup=backup, device=device, store=store, shares=shares, comm=comm,
+        experts=[StateDictSource(c, label=e.label, space=k) for c, e, k in zip(cached, experts, spaces)],
+        backup=backup, device=device, space=space, shares=shares, comm=comm,
     )

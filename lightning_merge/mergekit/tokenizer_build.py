@@ -155,7 +155,7 @@ class _Inputs:
             folder = sources[m].config_dir
             if m == self.base:
                 continue
-            if sources[m].kind == "delta" or is_adapter(m):
+            if sources[m].space == "delta" or is_adapter(m):
                 self.rows[m] = self.rows[self.base]
                 continue  # an adapter's tokenizer is its base model's
             if folder is None or not has_tokenizer(folder):
@@ -172,7 +172,7 @@ class _Inputs:
         return self.rows[m] or len(self.vocab(m))
 
     def template(self, m: str) -> str | None:
-        tok = self.toks.get(m, self.base_tok if (self.sources[m].kind == "delta" or is_adapter(m)) else None)
+        tok = self.toks.get(m, self.base_tok if (self.sources[m].space == "delta" or is_adapter(m)) else None)
         t = getattr(tok, "chat_template", None)
         if isinstance(t, dict):
             t = t.get("default")
@@ -249,7 +249,7 @@ def _chat_template(spec: TokenizerSpec, inp: _Inputs | None, tokenizer: Any, sou
 def _template(m: str, inp: _Inputs | None, sources: Mapping[str, Source], base: str) -> str | None:
     if inp is not None:
         return inp.template(m)
-    folder = sources[base if sources[m].kind == "delta" or is_adapter(m) else m].config_dir
+    folder = sources[base if sources[m].space == "delta" or is_adapter(m) else m].config_dir
     if folder is None or not has_tokenizer(folder):
         return None
     t = getattr(_load(folder, "chat_template"), "chat_template", None)
@@ -309,7 +309,7 @@ def tokenizer_sources(
             rows = aligner.rows_out
             for m, s in sources.items():
                 names = {k for k in s.keys() if is_vocab_name(k)}
-                if s.kind == "delta":
+                if s.space == "delta":
                     if names:
                         raise ConfigError(f"{spec.key}: the adapter '{m}' changes {sorted(names)[:2]}, which a "
                                           "tokenizer form re-indexes; merge the adapter into its model first (peft "

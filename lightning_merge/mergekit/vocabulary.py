@@ -198,7 +198,7 @@ class PermutedSource(Source):
         self.inner = inner
         self.aligner = aligner
         self.model = model
-        self.kind = inner.kind
+        self.space = inner.space
         self.fresh_tensors = inner.fresh_tensors
         self.label = inner.label
         self.config_dir = config_dir if config_dir is not None else inner.config_dir

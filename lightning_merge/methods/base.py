@@ -24,16 +24,16 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..spaces import Space
 from .kernels import generator_for
 from .yaml_spec import Contract, MergekitSpec
 
-Space = Literal["delta", "weight"]
 PerExpert = float | list[float]
 
 

@@ -1,9 +1,9 @@
 """The lazy tensor-source interface and the in-memory sources (state dicts, live modules).
 
 A :class:`Source` lists tensor names and reads one tensor at a time, so the engine never holds more
-than one tensor per model. ``kind`` says what ``get`` returns:
+than one tensor per model. ``space`` (:mod:`lightning_merge.spaces`) says what ``get`` returns:
 
-* ``"full"``: the model's weight θ_t for that name, in its stored dtype, on CPU;
+* ``"weight"``: the model's weight θ_t for that name, in its stored dtype, on CPU;
 * ``"delta"``: the dense task vector δ_t (float32), e.g. ``scaling · B @ A`` of a LoRA adapter.
   Delta sources only list the tensors they change.
 
@@ -17,23 +17,22 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import SourceError
+from ..spaces import Space
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["full", "delta"]
 WRAPPER_PREFIXES = ("model.", "module.", "_forward_module.", "base_model.model.", "_orig_mod.", "net.")
 
 
 class Source(ABC):
     """A lazily read collection of named tensors."""
 
-    kind: SourceKind = "full"
+    space: Space = "weight"
     #: where the tensors come from, for messages (a path or "<state dict>")
     label: str = "<source>"
     #: folder with config/tokenizer files for HF outputs, if any
@@ -75,13 +74,13 @@ class Source(ABC):
 class StateDictSource(Source):
     """An in-memory mapping name -> tensor (a ``state_dict``), read without copying."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], label: str = "<state dict>", kind: SourceKind = "full"):
+    def __init__(self, tensors: Mapping[str, Tensor], label: str = "<state dict>", space: Space = "weight"):
         bad = [k for k, v in tensors.items() if not isinstance(v, Tensor)]
         if bad:
             raise SourceError(f"{label}: entries {bad[:5]} are not tensors; pass a flat name -> tensor mapping")
         self._t = dict(tensors)
         self.label = label
-        self.kind = kind
+        self.space = space
 
     def keys(self) -> list[str]:
         return list(self._t)
@@ -125,7 +124,7 @@ class RenamedSource(Source):
     def __init__(self, inner: Source, mapping: Mapping[str, str]):
         self.inner = inner
         self.mapping = dict(mapping)
-        self.kind = inner.kind
+        self.space = inner.space
         self.fresh_tensors = inner.fresh_tensors
         self.label = inner.label
         self.config_dir = inner.config_dir

@@ -14,7 +14,7 @@ Every source here reads only *headers* when it is opened, and one tensor per :me
   ``model.safetensors.index.json``, ``pytorch_model.bin`` or its sharded index). Every shard listed by
   an index must exist when the folder is opened.
 
-All of them return tensors on CPU in their stored dtype (``kind == "full"``).
+All of them return tensors on CPU in their stored dtype (``space == "weight"``).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class LoraAdapterSource(Source):
 
     fresh_tensors = True  # every delta is computed anew
 
-    kind = "delta"
+    space = "delta"
     config_dir = None
 
     def __init__(self, path: PathLike, label: str | None = None):

@@ -25,6 +25,7 @@ from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
 from .della import Della, DellaLinear
 from .dppa import DPPA
+from .isotropic import IsoC, IsoCTS
 from .karcher import Karcher
 from .linear import Linear, TaskArithmetic
 from .model_stock import ModelStock
@@ -37,6 +38,7 @@ from .ramplus_tl import RamPlusTL
 from .sce import Sce
 from .slerp import Slerp
 from .ties import Ties
+from .tsv import TSVM
 from .yaml_spec import MergekitSpec
 
 __all__ = ["BUILTIN", "LAZY", "MERGEKIT_0_1_5", "get_method", "load_lazy", "mergekit_specs", "method_class",
@@ -94,6 +96,7 @@ BUILTIN: tuple[type[MergeMethod], ...] = (
     NuSlerp, MultiSlerp, Karcher,
     Ram, RamPlusTL, Passthrough,
     Sce, Nearswap, ArceeFusion,
+    TSVM, IsoC, IsoCTS,
 )
 #: name -> (module, class) imported on first use
 LAZY: dict[str, tuple[str, str]] = {"sens_scaled": ("lightning_merge.learned.sens_callback", "SensScaled")}

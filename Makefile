@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_STAMP := $(VENV)/.offline-data
+# FusionBench's wheel, unpacked by nothing and imported by nothing: tests/svd_helpers.py reads the
+# reference TSV-M / Iso functions from it for the parity tests (its dependencies are not installed)
+REF_WHEELS := $(VENV)/reference-wheels
+export FUSION_BENCH_WHEEL := $(abspath $(REF_WHEELS))
 CONSTRAINTS := requirements/constraints.txt
 WORDNET := /usr/share/wordnet/data.noun
 export HF_HUB_OFFLINE := 1
@@ -28,13 +32,18 @@ $(DATA_STAMP): $(STAMP) requirements/offline-data.txt
 	  echo "note: $(WORDNET) is missing (apt-get install wordnet-base as root); the supersense task is skipped"
 	touch $@
 
-setup: $(STAMP) $(DATA_STAMP)
+$(REF_WHEELS)/.done: $(STAMP)
+	$(BIN)/pip download -q --no-deps -c $(CONSTRAINTS) fusion-bench==0.2.33 -d $(REF_WHEELS) || \
+	  echo "note: fusion-bench 0.2.33 could not be downloaded; its parity tests are skipped"
+	touch $@
 
-test: $(STAMP) $(DATA_STAMP)
+setup: $(STAMP) $(DATA_STAMP) $(REF_WHEELS)/.done
+
+test: $(STAMP) $(DATA_STAMP) $(REF_WHEELS)/.done
 	$(BIN)/python -m pytest -q
 
 # Everything, slow suites and the mergekit parity extra included.
-test-all: $(STAMP) $(DATA_STAMP)
+test-all: $(STAMP) $(DATA_STAMP) $(REF_WHEELS)/.done
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,parity]"
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 

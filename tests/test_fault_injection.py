@@ -29,7 +29,6 @@ from lightning_merge.mergekit import parse_config
 #: about 10M parameters per model: the merge and its writes take ~1 s of a ~3 s command
 MID = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=4096)
-KILLS = 20
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,9 @@ def _spawn(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
-def test_kill_9_at_random_moments_never_leaves_a_partial_output(mid, tmp_path):
-    """20 runs into one OUT (``--overwrite``), each SIGKILLed at a seeded moment of a full run's
+@pytest.mark.parametrize("kills", [8, pytest.param(20, marks=pytest.mark.slow)])
+def test_kill_9_at_random_moments_never_leaves_a_partial_output(mid, tmp_path, kills):
+    """``kills`` runs into one OUT (``--overwrite``), each SIGKILLed at a seeded moment of a full run's
     duration: after every kill OUT is absent or bit-identical to the reference; the next run
     cleans up what the killed one left; the final run is bit-identical and leaves nothing else."""
     out = tmp_path / "merged"
@@ -63,7 +63,7 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_output(mid, tmp_path):
     ref = tensors(tmp_path / "reference")
     rng = random.Random(20261202)
     hit_mid_write = 0
-    for _ in range(KILLS):
+    for _ in range(kills):
         proc = _spawn(str(mid / "ties.yml"), str(out), "--overwrite")
         time.sleep(rng.uniform(0.45, 1.05) * duration)
         proc.send_signal(signal.SIGKILL)
@@ -75,7 +75,7 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_output(mid, tmp_path):
     assert final.returncode == 0, final.stderr
     assert_bitwise_equal(tensors(out), ref)
     assert leftovers(tmp_path, "merged") == []
-    assert hit_mid_write >= 3, f"only {hit_mid_write} of {KILLS} kills landed while writing"
+    assert hit_mid_write >= kills // 7, f"only {hit_mid_write} of {kills} kills landed while writing"
 
 
 def test_two_concurrent_merges_into_one_output_never_mix(mid, tmp_path):

@@ -81,6 +81,17 @@ def test_model_stock_three_experts_and_filter_wise():
     b3 = base.reshape(4, 2, 3)
     got3 = ModelStock(filter_wise=True).merge(_inputs(b3, [w.reshape(4, 2, 3) for w in ws]))
     torch.testing.assert_close(got3.reshape(4, 6), got_f)
+    # filter_view="last_dim" (mergekit's): one t per vector along the last dimension, 8 vectors of 3
+    got_last = ModelStock(filter_wise=True, filter_view="last_dim").merge(_inputs(b3, [w.reshape(4, 2, 3) for w in ws]))
+    flat = base.reshape(8, 3)
+    vecs = [_ref_stock(flat[r].tolist(), [w.reshape(8, 3)[r].tolist() for w in ws]) for r in range(8)]
+    torch.testing.assert_close(got_last.reshape(8, 3).double(), torch.tensor(vecs, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got_last.reshape(4, 6), got_f)
+    # on 2-D tensors the two views agree
+    torch.testing.assert_close(ModelStock(filter_wise=True, filter_view="last_dim").merge(_inputs(base, ws)), got_f)
+    with pytest.raises(ConfigError, match="filter_view"):
+        ModelStock(filter_view="cols")
 
 
 def test_model_stock_edge_rules():

@@ -80,7 +80,7 @@ by matching its L1 norm to the unpruned delta's, per whole tensor (`sparsify.res
 | `della` | `Della(density=d, epsilon=2·e [e = 0.15 → 0.3], rescale=rescale [true → "l1"], normalize=normalize [true], lambda_=λ, rank_scope="row", prob_formula="code", zero_sign="positive")` |
 | `della_linear` | `DellaLinear(...same..., normalize=normalize [false])` |
 | `slerp` | `Slerp(t=t)` (`t` required, as in mergekit); base = `base_model`, expert = the one other model |
-| `model_stock` | `ModelStock(filter_wise=filter_wise [false])`; at least 2 models besides `base_model`; no `weight` |
+| `model_stock` | `ModelStock(filter_wise=filter_wise [false], filter_view="last_dim")`; at least 2 models besides `base_model`; no `weight` |
 | `ram` | `Ram(epsilon=epsilon [1e-5])`; base = `base_model`; no `weight` |
 | `ramplus_tl` | `RamPlusTL(r=r [0.1], alpha=alpha [0.2], epsilon=epsilon [1e-5])`; base = `base_model`; no `weight` |
 | `passthrough` | `Passthrough(scale=scale [none: copy])`, `scale` per model or global (filters, gradients); exactly one model; `base_model` absent or equal to it; no `weight`. The `slices:` form is a config form, not this method |

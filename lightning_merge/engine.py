@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError, IncompatibleTensorError
 from .methods.base import MergeMethod, TensorInputs, check_weights
-from .naming import tensor_groups
+from .naming import is_vocab_tensor, tensor_groups, tied_head_alias
 from .sources.base import Source, align
 from .spaces import Space
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 VocabPolicy = Literal["truncate", "pad_mean", "error"]
 TensorParams = Callable[[str], dict[str, Any]]
-EMBEDDING_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight", "shared.weight")
 
 
 @dataclass
@@ -91,10 +90,6 @@ class MergePlan:
         raise KeyError(name)
 
 
-def _is_embedding(name: str) -> bool:
-    return any(h in name for h in EMBEDDING_HINTS)
-
-
 def tied_aliases(base: Source) -> dict[str, str]:
     """Names the base ties to another tensor (``alias -> kept name``).
 
@@ -109,12 +104,8 @@ def tied_aliases(base: Source) -> dict[str, str]:
             config = json.loads(cfg.read_text()) if cfg.exists() else {}
         except (OSError, ValueError):
             config = {}
-        keys = set(base.keys())
-        if config.get("tie_word_embeddings", False) and "lm_head.weight" not in keys:
-            emb = [k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                                                  "shared.weight"))]
-            if len(emb) == 1:
-                aliases["lm_head.weight"] = emb[0]
+        if config.get("tie_word_embeddings", False):
+            aliases.update(tied_head_alias(base.keys()))
     return aliases
 
 
@@ -247,7 +238,7 @@ def build_plan(
             task.action = "copy"
             tasks.append(task)
             continue
-        if vocab_policy == "pad_mean" and _is_embedding(name):
+        if vocab_policy == "pad_mean" and is_vocab_tensor(name):
             rows = max([shape[0]] + [aligned[i].shape(name)[0] for i in present])
             if rows != shape[0]:
                 task.pad_rows = rows
@@ -256,7 +247,7 @@ def build_plan(
             padded = task.pad_rows is not None and eshape[1:] == shape[1:]
             if eshape != shape and not padded:
                 if (
-                    vocab_policy == "truncate" and _is_embedding(name) and len(eshape) == len(shape)
+                    vocab_policy == "truncate" and is_vocab_tensor(name) and len(eshape) == len(shape)
                     and all(a >= b for a, b in zip(eshape, shape))
                 ):
                     task.truncate[i] = shape
@@ -267,7 +258,7 @@ def build_plan(
                         f"{aligned[i].label}: tensor '{name}' has shape {list(eshape)} but the base has "
                         f"{list(shape)}; experts must share the base's architecture"
                         + (" (for a resized vocabulary use vocab_policy='truncate' or 'pad_mean')"
-                           if _is_embedding(name) else "")
+                           if is_vocab_tensor(name) else "")
                     )
             task.experts.append(i)
         if task.pad_rows is not None:

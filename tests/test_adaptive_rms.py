@@ -17,10 +17,10 @@ from lightning_merge.methods.adaptive_rms import (
     merge_with_masks,
     rms_of,
     role_drop_rates,
-    split_block_name,
     tensor_role,
 )
 from lightning_merge.methods.base import TensorInputs
+from lightning_merge.naming import layer_of
 from lightning_merge.sources import StateDictSource
 
 Q = "model.layers.{}.self_attn.q_proj.weight"
@@ -189,9 +189,9 @@ def test_clipping_and_extremes():
 
 
 def test_roles():
-    assert split_block_name("model.layers.12.mlp.up_proj.weight") == (
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == (
         "model.layers", 12, "mlp.up_proj.weight")
-    assert split_block_name("model.embed_tokens.weight") is None
+    assert layer_of("model.embed_tokens.weight") is None
     assert tensor_role(Q.format(3), 2) == ("model.layers.*.self_attn.q_proj", 3)
     assert tensor_role("transformer.h.1.attn.c_proj.weight", 2, "attn_ffn") == ("transformer.h.*.attn", 1)
     assert tensor_role("transformer.h.1.mlp.c_proj.weight", 2, "attn_ffn") == ("transformer.h.*.ffn", 1)

@@ -6,9 +6,10 @@ import math
 from collections import defaultdict
 
 from ..engine import MergePlan
-from ..methods.adaptive_rms import AdaptiveRMS, split_block_name
+from ..methods.adaptive_rms import AdaptiveRMS
 from ..methods.base import TensorInputs
 from ..methods.dppa import DPPA
+from ..naming import layer_of
 
 #: entries per tensor (evenly strided) sampled for the sign-conflict rate
 CONFLICT_SAMPLES = 1 << 16
@@ -17,7 +18,7 @@ CONFLICT_SAMPLES = 1 << 16
 def group_of(name: str) -> str:
     """The diagnostics group of a tensor: its numbered block (``model.layers.3``) or its module
     (``model.embed_tokens``, ``lm_head``)."""
-    parts = split_block_name(name)
+    parts = layer_of(name)
     if parts is not None:
         return f"{parts[0]}.{parts[1]}"
     return name.rsplit(".", 1)[0] if "." in name else name

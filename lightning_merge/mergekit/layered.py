@@ -37,7 +37,6 @@ import itertools
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..naming import layer_of
+from ..naming import is_pre_layer, layer_of
 from .recipe import MergeRecipe
 from .refs import PathResolver
 
@@ -54,9 +53,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LayeredRecipe", "SlicePart", "renumbered"]
 
-#: non-layer tensors planned with the first slice (mergekit's ``pre_weights``); the others are post weights
-_PRE = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|embeddings|"
-                  r"position_embeddings)(\.|$)")
 #: config.json fields that must agree between the models of a slice (the depth may differ)
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                  "n_embd", "d_model", "head_dim")
@@ -101,7 +97,7 @@ def renumbered(keys: Sequence[str], stack: str, start: int, n: int, out_start: i
     for k in keys:
         parts = layer_of(k)
         if parts is None or not parts[0].endswith(stack):
-            if (_PRE.search(k) is not None and pre) or (_PRE.search(k) is None and post):
+            if (is_pre_layer(k) and pre) or (not is_pre_layer(k) and post):  # mergekit's pre / post weights
                 mapping[k] = k
             continue
         prefix, i, rest = parts

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..naming import is_vocab_tensor
 from ..sources.base import Source
 from ..targets.hf import COPIED_FILES
 from .refs import is_adapter
 from .tokenizer import TokenizerSpec
-from .vocabulary import PermutedSource, VocabularyAligner, is_vocab_name
+from .vocabulary import PermutedSource, VocabularyAligner
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def tokenizer_sources(
             aligner = _aligner(spec, inp, tokenizer)
             rows = aligner.rows_out
             for m, s in sources.items():
-                names = {k for k in s.keys() if is_vocab_name(k)}
+                names = {k for k in s.keys() if is_vocab_tensor(k)}
                 if s.space == "delta":
                     if names:
                         raise ConfigError(f"{spec.key}: the adapter '{m}' changes {sorted(names)[:2]}, which a "

@@ -11,7 +11,6 @@ output vocabulary (other tensors pass through unchanged).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,25 +24,7 @@ from ..sources.base import Source
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PermutedSource", "TokenSetting", "VocabularyAligner", "is_vocab_name"]
-
-#: a name component that marks an embedding or an output head (mergekit's ``vocabulary_axis``
-#: weights of its architecture files: ``model.embed_tokens.weight``, ``lm_head.weight``,
-#: ``transformer.wte.weight``, ``embed_out.weight``, ``cls.predictions.bias``, ...)
-VOCAB_PARTS = frozenset({
-    "embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared", "lm_head", "embed_out",
-    "output_layer", "vocab_projector", "predictions",
-})
-_OUTPUT = re.compile(r"^(model\.)?output\.(weight|bias)$")
-
-
-def is_vocab_name(name: str) -> bool:
-    """Whether ``name`` is an embedding / head tensor by name (its first axis must also have the
-    model's vocabulary size to count as a vocabulary tensor)."""
-    parts = name.split(".")
-    return parts[-1] in ("weight", "bias") and (bool(VOCAB_PARTS.intersection(parts[:-1])) or bool(
-        _OUTPUT.match(name)))
-
+__all__ = ["PermutedSource", "TokenSetting", "VocabularyAligner"]
 
 @dataclass(frozen=True)
 class TokenSetting:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MergeError
+from ..naming import layer_of
 from .base import (
     DeltaMethod,
     PerExpert,
@@ -68,9 +68,6 @@ log = logging.getLogger(__name__)
 RmsDenominator = Literal["sqrt_numel", "numel"]
 Branch = Literal["global", "per_model"]
 
-#: a numbered block of a transformer stack: ``<stack>.<i>.<rest>``
-_BLOCK = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
-
 _ATTN_PARTS = ("attn", "attention")
 _ATTN_MODULES = {
     "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "q", "k", "v", "o",
@@ -81,20 +78,6 @@ _FFN_MODULES = {
     "gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "wi",
     "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h",
 }
-
-
-def split_block_name(name: str) -> tuple[str, int, str] | None:
-    """Split a name into (stack, block index, rest).
-
-    ``model.layers.3.self_attn.q_proj.weight`` -> (``model.layers``, 3, ``self_attn.q_proj.weight``).
-
-    Returns None for a name outside a numbered block. The first block index in the name wins.
-    """
-    m = _BLOCK.search(name)
-    if m is None:
-        return None
-    stack_name = name[: m.start(1)] + m.group(1)
-    return stack_name, int(m.group(2)), name[m.end():]
 
 
 def _attn_or_ffn(module: str) -> str | None:
@@ -116,7 +99,7 @@ def tensor_role(
     """The (role key, layer index) of a tensor, or None when it has no role (see the module doc)."""
     if ndim != 2 or not name.endswith(".weight"):
         return None
-    parts = split_block_name(name)
+    parts = layer_of(name)
     if parts is None:
         return None
     stack_name, layer, rest = parts
@@ -439,6 +422,5 @@ __all__ = [
     "merge_with_masks",
     "rms_of",
     "role_drop_rates",
-    "split_block_name",
     "tensor_role",
 ]

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, MergeError
-from .adaptive_rms import split_block_name
+from ..naming import layer_of
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range
 from .kernels import ZeroSign, elect_and_fuse, weighted_sum
 from .yaml_spec import Contract
@@ -66,7 +66,7 @@ BlockKey = tuple[str, int]
 
 def block_key(name: str) -> BlockKey | None:
     """(stack name, block index) of a tensor inside a numbered block, else None."""
-    parts = split_block_name(name)
+    parts = layer_of(name)
     return None if parts is None else (parts[0], parts[1])
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..naming import is_input_embedding, is_tied_head
 from .atomic import PathLike, atomic_output_dir, check_output_dir, writes
 from .shards import DEFAULT_MAX_SHARD_BYTES, Layout, TensorStream, _nbytes_of, save_safetensors_shards
 
@@ -44,9 +44,6 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
-#: output heads that ``tie_word_embeddings`` ties to an input embedding
-_TIED_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
-_INPUT_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared)\.weight$")
 
 def _fingerprint(t: Tensor) -> tuple[tuple[int, ...], torch.dtype, str]:
     """Shape, dtype and a hash of the bytes: equality of tensors without keeping them in memory."""
@@ -93,9 +90,9 @@ class _HfStream:
         for name, t in self.tensors:
             if self.tied and isinstance(t, Tensor):
                 t = t.detach().to("cpu").contiguous()
-                if _INPUT_EMBED.search(name):
+                if is_input_embedding(name):
                     self._embeds[name] = _fingerprint(t)
-                elif _TIED_HEAD.search(name):
+                elif is_tied_head(name):
                     match = self._head_matches(name, t)
                     if match is None:
                         held.append((name, t))
@@ -193,7 +190,7 @@ def save_hf_folder(
     tied = bool(config and config.get("tie_word_embeddings", False))
     expected = None if layout is None else sum(_nbytes_of(shape, dtype) for _, shape, dtype in layout)
     stream = _HfStream(tensors, tied=tied)
-    if layout is not None and tied and any(_TIED_HEAD.search(name) for name, _, _ in layout):
+    if layout is not None and tied and any(is_tied_head(name) for name, _, _ in layout):
         layout = None
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
         save_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, metadata=metadata, layout=layout)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleTensorError, MergeError
+from ..naming import is_embedding_module
 from .atomic import PathLike, atomic_output_dir, check_output_dir, writes
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SvdMethod = Literal["auto", "exact", "randomized"]
-_EMBEDDING = re.compile(
-    r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in"
-    r"|tok_embeddings|shared|embed_positions)$"
-)
 #: randomized SVD: extra columns and power iterations (Halko, Martinsson & Tropp 2011, §4.3-4.5)
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
@@ -249,7 +245,7 @@ def save_lora_adapter(
             report.unsupported.append(name)
             continue
         module = name[: -len(".weight")]
-        embedding = bool(_EMBEDDING.search(module))
+        embedding = is_embedding_module(module)
         transpose = embedding or fan_in_fan_out
         factors.append(_factorize(name, module, delta, rank, alpha, transpose, svd, embedding, warn_error))
         del delta

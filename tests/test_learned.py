@@ -143,10 +143,10 @@ def test_export_equals_wrapper(zoo, tmp_path, granularity, kw):
         want = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
-    table = json.loads((out / "learned_coefficients.json").read_text())
+    table = json.loads((out / "learned_coefficients" / "coefficients.json").read_text())
     assert table["granularity"] == granularity and len(table["models"]) == m.coefficients.n_models
-    assert (out / "learned_coefficients.safetensors").is_file()
-    assert (out / "learned_coefficients.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "learned_coefficients" / "coefficients.safetensors").is_file()
+    assert (out / "learned_coefficients" / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bf16_storage_halves_the_deltas(zoo):
@@ -312,6 +312,7 @@ def test_export_refuses_to_touch_an_input_and_appears_whole(zoo, tmp_path):
             m.export(target, overwrite=True)
         assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(zoo["e0"]).rglob("*")) == before
     out = m.export(tmp_path / "merged")  # model, coefficients and plot appear in one rename
-    assert {"learned_coefficients.json", "learned_coefficients.safetensors", "config.json"} <= {
-        p.name for p in out.iterdir()}
+    assert {"learned_coefficients", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"coefficients.json", "coefficients.safetensors", "coefficients.png"} <= {
+        p.name for p in (out / "learned_coefficients").iterdir()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -68,4 +68,4 @@ def test_recipe_runs(recipe, workdir, tmp_path, monkeypatch):
     else:
         assert {"val/acc_mean", f"train/{'dam' if recipe == 'dam' else 'entropy'}"} <= set(m)
         assert (out / "merged" / "model.safetensors").is_file()
-        assert (out / "merged" / "learned_coefficients.png").is_file()
+        assert (out / "merged" / "learned_coefficients" / "coefficients.png").is_file()

@@ -78,7 +78,7 @@ def test_column_dam_on_two_shards_equals_one_process(zoo, tmp_path):
     assert set(a) == set(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-3, rtol=0), k
-    assert (two / "export" / "learned_coefficients.safetensors").is_file()
+    assert (two / "export" / "learned_coefficients" / "coefficients.safetensors").is_file()
     assert (two / "ckpt" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint folder
 
 

@@ -107,7 +107,7 @@ def test_wrapper_with_constant_coefficients_is_task_arithmetic(tiny_setup, tmp_p
         want = torch.stack(ref(batch["input_ids"], batch["attention_mask"], batch["task"]))
         torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
     out = lm.export(tmp_path / "merged", target_only=True)
-    assert (out / "config.json").is_file() and (out / "learned_coefficients.png").stat().st_size > 1000
+    assert (out / "config.json").is_file() and (out / "learned_coefficients" / "coefficients.png").stat().st_size > 1000
     loaded = EncoderClassifier(str(out), exp.heads).eval()
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)

@@ -35,5 +35,5 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for s in learned.values() for v in s.values())
     lam = namespace["adamerging"].coefficients.table()
     assert any(abs(float(c.max()) - 0.3) > 1e-3 for c in lam.values())
-    assert (namespace["learned_dir"] / "learned_coefficients.json").is_file()
+    assert (namespace["learned_dir"] / "learned_coefficients" / "coefficients.json").is_file()
     assert namespace["coef_plot_path"].stat().st_size > 10_000

@@ -64,13 +64,13 @@ from lightning_merge.learned.export import layer_means  # noqa: E402
 log = logging.getLogger("quality")
 
 _DAM = {"granularity": "column", "objective": "dam", "lr": 1e-3, "temperature": 2.0, "similarity_weight": 0.01}
-#: family -> [(LearnedMerge method name, LearnedMerge arguments)]. DAM twice: the spec defaults (bias
-#: coefficients start at 1.0, the reference's quirk: BERT's biases start as the SUM of the 4 experts'),
-#: and biases from 1/M like every other coefficient (the merge starts as the uniform soup)
+#: family -> [(LearnedMerge method name, LearnedMerge arguments)]. DAM twice: the reference's init (bias
+#: coefficients start at 1.0, ``bias_init="sum"``: BERT's biases start as the SUM of the 4 experts'),
+#: and biases from 1/M like every other coefficient (the merge starts as the uniform soup; now the default)
 FAMILIES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "adamerging_layer": [("adamerging", {"granularity": "tensor", "objective": "entropy", "init": 0.3, "lr": 1e-3})],
     "adamerging_task": [("adamerging", {"granularity": "task", "objective": "entropy", "init": 0.3, "lr": 1e-3})],
-    "dam": [("dam", dict(_DAM)), ("dam", {**_DAM, "bias_init": 0.25})],
+    "dam": [("dam", {**_DAM, "bias_init": "sum"}), ("dam", {**_DAM, "bias_init": 0.25})],
 }
 DEFAULT_STEPS = 150
 
@@ -124,7 +124,7 @@ def train(exp: Experiment, experts: list[str], family: str, kwargs: dict[str, An
     trainer.fit(lm, datamodule=dm)
     seconds = time.perf_counter() - t0
     folder = lm.export(out, target_only=True, overwrite=True)
-    shutil.copy(Path(folder) / "learned_coefficients.png", plot)
+    shutil.copy(Path(folder) / "learned_coefficients" / "coefficients.png", plot)
     k = max(1, min(10, len(losses.losses) // 4))
     layers, means = layer_means(lm)
     return {"model": str(folder), "train_seconds": round(seconds, 1), "steps_done": len(losses.losses),
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if key(args.regime, "merge", name, params, 0) in store.done:
             log.info("%s %s: already in %s", family, json.dumps(kwargs), results)
             continue
-        variant = family + ("_bias" + str(kwargs["bias_init"]) if "bias_init" in kwargs else "")
+        bias = kwargs.get("bias_init", "sum")  # the rows of the reference's init kept their old name
+        variant = family + ("" if bias == "sum" else "_bias" + str(bias))
         regime_tag = "" if args.regime == "full" else f"_{args.regime}"
         plot = results.with_name(f"{results.stem.replace('results_', '')}{regime_tag}_{variant}_coefficients.png")
         rec = train(exp, experts, family, kwargs, steps=args.steps, batch_size=args.batch_size,

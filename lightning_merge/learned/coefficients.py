@@ -10,13 +10,15 @@ Granularities (N experts; M = N, or N + 1 with ``include_base``, models in weigh
   | tensor | coefficient per model | init | trained |
   |---|---|---|---|
   | ``nn.Linear`` weight [out, in] (HF ``Conv1D`` [in, out]) | [in], scales input columns | 1/M | yes |
-  | ``nn.Linear`` / ``Conv1D`` bias | scalar | ``bias_init`` (1.0, the reference's quirk) | yes |
+  | ``nn.Linear`` / ``Conv1D`` bias | scalar | ``bias_init``: 1/M (``"uniform"``) or 1.0 (``"sum"``) | yes |
   | ``nn.Embedding`` weight [V, d] | [d] | 1/M | with ``merge_embeddings`` |
   | norm weights / biases (``*Norm*`` modules) | elementwise | 1/M | with ``merge_norms`` |
   | anything else | scalar | 1/M | no |
 
   Coefficients that are not trained stay at their initial value, so at init the merged model is
-  the uniform soup of the M models (with ``bias_init = 1/M`` exactly; by default biases are summed).
+  the uniform soup of the M models (with the default ``bias_init="uniform"``; the reference's 1.0,
+  ``bias_init="sum"``, starts every bias as the *sum* of the models' biases, which on real MiniLM
+  experts starts — and ends, after 150 steps — below every static merge: issue 17's measurement).
 
 The effective coefficient is c = clamp(g(p)) of the raw parameter p, with g one of ``identity``,
 ``tanh``, ``sigmoid``, ``relu`` or ``softmax`` (over the models, so Σ_m c_m = 1 at every position)
@@ -117,12 +119,26 @@ def raw_init(fn: CoefficientFn, value: float, pname: str = "init") -> float:
     return math.log(value / (1 - value))
 
 
+#: the DAM bias coefficients' start: "uniform" (1/M: the merge starts as the soup), "sum" (1.0 each,
+#: the DAM reference: biases summed), or a number
+BiasInit = float | Literal["uniform", "sum"]
+
+
+def bias_value(bias_init: BiasInit, n_models: int) -> float:
+    """The effective initial bias coefficient for ``n_models`` models."""
+    if bias_init == "uniform":
+        return 1.0 / n_models
+    if bias_init == "sum":
+        return 1.0
+    return float(bias_init)
+
+
 class Coefficients(nn.Module):
     """The trainable coefficients and the merged tensors they define (see the module doc)."""
 
     def __init__(self, bank: ExpertBank, granularity: Granularity, *, fn: CoefficientFn = "identity",
                  init: float | None = None, clamp: tuple[float, float] | None = None, include_base: bool = False,
-                 bias_init: float = 1.0, merge_embeddings: bool = False, merge_norms: bool = False) -> None:
+                 bias_init: BiasInit = "uniform", merge_embeddings: bool = False, merge_norms: bool = False) -> None:
         super().__init__()
         self.granularity, self.fn, self.clamp = granularity, fn, clamp
         self.names = list(bank.names)
@@ -133,9 +149,10 @@ class Coefficients(nn.Module):
             self.slots = classify(bank.target, self.names, merge_embeddings=merge_embeddings, merge_norms=merge_norms)
             self.values = nn.ParameterDict()
             start = 1.0 / self.n_models if init is None else init
+            bias_start = bias_value(bias_init, self.n_models)
             for s in self.slots:
                 if s.trainable:
-                    v = raw_init(fn, bias_init if s.kind == "bias" else start,
+                    v = raw_init(fn, bias_start if s.kind == "bias" else start,
                                  "bias_init" if s.kind == "bias" else "init")
                     shape = (self.n_models, s.size) if s.axis is not None else (self.n_models,)
                     self.values[safe_key(s.name)] = nn.Parameter(torch.full(shape, v))

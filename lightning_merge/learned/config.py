@@ -79,7 +79,13 @@ def check_args(who: str, a: Mapping[str, Any]) -> None:
             if a.get(arg):
                 raise _err(who, f"{arg}=True only applies to granularity='column' (DAM), not "
                                 f"'{a.get('granularity')}'; set granularity='column' or drop {arg}")
-    _finite(who, "bias_init", a.get("bias_init", 1.0))
+    bias_init = a.get("bias_init", "uniform")
+    if isinstance(bias_init, str):
+        if bias_init not in ("uniform", "sum"):
+            raise _err(who, f"bias_init = {bias_init!r}: use 'uniform' (1/models: the merge starts as the uniform "
+                            "soup), 'sum' (1.0 each, the DAM reference: biases summed) or a number")
+    else:
+        _finite(who, "bias_init", bias_init)
     clamp = a.get("clamp")
     if clamp is not None:
         if not isinstance(clamp, Sequence) or len(clamp) != 2:

@@ -8,12 +8,14 @@ export dtype's rounding (float32 by default: identical arithmetic). With ``targe
 target submodule is written (names relative to it, the target's own ``config``): e.g. the merged
 encoder of a :class:`~lightning_merge.examples.encoder.TaskLogits` wrapper, without its heads.
 
-Files beside the weights:
+Files in the subfolder ``learned_coefficients/`` (a subfolder, so that a loader globbing
+``*.safetensors`` or ``from_pretrained`` never mistakes the coefficients, which carry the model's
+tensor names, for weights):
 
-* ``learned_coefficients.safetensors``: the effective coefficients of every tensor,
+* ``coefficients.safetensors``: the effective coefficients of every tensor,
   ``[models]`` or ``[models, size]`` (metadata: granularity, coefficient_fn, the model labels);
-* ``learned_coefficients.json``: the same, with vectors summarized (mean, min, max per model);
-* ``learned_coefficients.png``: mean coefficient per layer (block or module) and model
+* ``coefficients.json``: the same, with vectors summarized (mean, min, max per model);
+* ``coefficients.png``: mean coefficient per layer (block or module) and model
   (matplotlib, Agg backend; skipped with a warning when matplotlib is missing).
 """
 
@@ -38,9 +40,11 @@ from .sharded import gather_merged
 
 log = logging.getLogger(__name__)
 
-COEFFICIENTS_ST = "learned_coefficients.safetensors"
-COEFFICIENTS_JSON = "learned_coefficients.json"
-COEFFICIENTS_PNG = "learned_coefficients.png"
+#: the subfolder of an export that holds the coefficients and their plot
+COEFFICIENTS_DIR = "learned_coefficients"
+COEFFICIENTS_ST = f"{COEFFICIENTS_DIR}/coefficients.safetensors"
+COEFFICIENTS_JSON = f"{COEFFICIENTS_DIR}/coefficients.json"
+COEFFICIENTS_PNG = f"{COEFFICIENTS_DIR}/coefficients.png"
 
 __all__ = ["export_model", "plot_coefficients", "save_coefficients"]
 
@@ -134,11 +138,11 @@ def _rank() -> int:
 
 
 def save_coefficients(module: Any, folder: str | os.PathLike) -> list[Path]:
-    """Write ``learned_coefficients.safetensors`` and ``.json`` into ``folder``; returns their paths."""
+    """Write ``learned_coefficients/coefficients.safetensors`` and ``.json`` into ``folder``; returns their paths."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / COEFFICIENTS_DIR).mkdir(parents=True, exist_ok=True)
     table = module.coefficients.table()
     labels = _model_labels(module)
     meta = {"granularity": module.granularity, "coefficient_fn": module.coefficients.fn, "models": json.dumps(labels)}
@@ -193,6 +197,7 @@ def plot_coefficients(module: Any, path: str | os.PathLike) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_file(out, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
     return out

@@ -57,7 +57,7 @@ from ..errors import ConfigError
 from ..lightning.callback import find_target
 from ..sources.resolve import open_source
 from .bank import ExpertBank
-from .coefficients import CoefficientFn, Coefficients, Granularity
+from .coefficients import BiasInit, CoefficientFn, Coefficients, Granularity
 from .config import STORAGE_DTYPES, build_model, check_args, check_path, pair_expert_tasks
 from .evaluation import MergedValidation
 from .meta import Placement, load_weights
@@ -103,7 +103,8 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         init: the initial effective coefficient (default 0.3 for task/tensor, 1/M for column).
         clamp: ``[lo, hi]`` applied after g, or None.
         include_base: column granularity: the base is an extra model with its own coefficients.
-        bias_init: column granularity: initial bias coefficient (1.0, as the DAM reference).
+        bias_init: column granularity: initial bias coefficient: ``"uniform"`` (1/M, default: the merge
+            starts as the uniform soup), ``"sum"`` (1.0, the DAM reference's init) or a number.
         merge_embeddings, merge_norms: column granularity: train the embedding / norm coefficients
             (else they stay at 1/M).
         storage_dtype: dtype of θ₀ and the δ_m (arithmetic is float32 regardless).
@@ -114,7 +115,8 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         optimizer, lr, weight_decay: Adam (AdaMerging) or AdamW over the coefficients only.
         dropout: keep the wrapped model's dropout active in training (default off: deterministic;
             the wrapped model stays in eval mode, so Lightning warns that modules are in eval mode).
-        export_dir: write the merged model there (:meth:`export`) at the end of ``fit``.
+        export_dir: write the merged model there (:meth:`export`) at the end of ``fit``: the whole model
+            when it is a Hugging Face model, else its target (``target_only``), e.g. the encoder of a wrapper.
         export_dtype: dtype of the exported weights.
         overwrite: replace an existing ``export_dir``.
         vocab_policy: resized vocabularies of the experts (see :func:`~lightning_merge.merge_models`).
@@ -134,7 +136,7 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         init: float | None = None,
         clamp: list[float] | None = None,
         include_base: bool = False,
-        bias_init: float = 1.0,
+        bias_init: BiasInit = "uniform",
         merge_embeddings: bool = False,
         merge_norms: bool = False,
         storage_dtype: DTypeName = "float32",
@@ -381,15 +383,16 @@ class LearnedMerge(MergedValidation, pl.LightningModule):
         if self.export_dir is None:
             return
         if self.trainer.is_global_zero or self._sharded:  # sharded: every rank gathers, rank 0 writes
-            self.export(self.export_dir, overwrite=self.overwrite)
+            hf = hasattr(self.model, "config") and hasattr(self.model, "save_pretrained")
+            self.export(self.export_dir, overwrite=self.overwrite, target_only=not hf)  # a loadable model
         self.trainer.strategy.barrier("learned_merge_export")
 
     def export(self, path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
                overwrite: bool = False, coefficients: bool = True, plot: bool = True,
                target_only: bool = False) -> dict[str, Tensor] | Path:
         """The merged model as a plain model: a state dict (``path=None``) or an HF folder written
-        atomically, with the learned coefficients (``learned_coefficients.{safetensors,json}``)
-        and a plot of them by layer (``learned_coefficients.png``). ``target_only``: only the merged
+        atomically, with the learned coefficients and a plot of them by layer in its subfolder
+        ``learned_coefficients/`` (:mod:`.export`). ``target_only``: only the merged
         target submodule (names relative to it), e.g. an encoder without its task heads. See
         :mod:`.export`."""
         from .export import export_model

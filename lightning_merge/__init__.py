@@ -9,8 +9,8 @@ globals().update(METHOD_CLASSES)  # every built-in method class: Ties, DareTies,
 __version__ = "0.1.0"
 
 
-_LEARNED = ("LearnedMerge", "PerTaskTokensDataModule", "SensFactors", "SensMergeCallback", "SensScaled",
-            "compute_sens_factors")
+_LEARNED = ("FisherMergeCallback", "LearnedMerge", "MergeStatistics", "PerTaskTokensDataModule",
+            "RegMeanMergeCallback", "SensFactors", "SensMergeCallback", "SensScaled", "compute_sens_factors")
 
 
 def __getattr__(name: str):
@@ -19,7 +19,7 @@ def __getattr__(name: str):
         from . import lightning
 
         return getattr(lightning, name)
-    if name in _LEARNED:  # learned merges (AdaMerging, DAM, Sens-Merging) import lightning too
+    if name in _LEARNED:  # learned merges (AdaMerging, DAM, Sens-Merging, RegMean, Fisher) import lightning too
         from . import learned
 
         return getattr(learned, name)
@@ -27,7 +27,8 @@ def __getattr__(name: str):
 
 
 __all__ = sorted(METHOD_CLASSES) + [
-    "ConfigError", "DPPAAlphaSearch", "IncompatibleTensorError", "LearnedMerge", "MergeCallback", "MergeError",
-    "MergeMethod", "MergeSearch", "PerTaskTokensDataModule", "SensFactors", "SensMergeCallback", "SensScaled",
+    "ConfigError", "DPPAAlphaSearch", "FisherMergeCallback", "IncompatibleTensorError", "LearnedMerge",
+    "MergeCallback", "MergeError", "MergeMethod", "MergeSearch", "MergeStatistics", "PerTaskTokensDataModule",
+    "RegMeanMergeCallback", "SensFactors", "SensMergeCallback", "SensScaled",
     "SourceError", "compute_sens_factors", "get_method", "merge_models", "method_names",
 ]

@@ -34,6 +34,8 @@ import yaml
 ISO = "fusion_bench/method/isotropic_merging/iso_utils.py"
 TSV = "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py"
 DEFAULT_DIR = Path("/tmp/fb")
+#: where the repository keeps the reference wheels (searched after DEFAULT_DIR)
+REPO_WHEELS = Path(__file__).resolve().parents[1] / ".venv" / "reference-wheels"
 
 
 def _source(relpath: str) -> str | None:
@@ -41,7 +43,7 @@ def _source(relpath: str) -> str | None:
     places: list[Path] = []
     if os.environ.get("FUSION_BENCH_WHEEL"):
         places.append(Path(os.environ["FUSION_BENCH_WHEEL"]))
-    places.append(DEFAULT_DIR)
+    places.extend([DEFAULT_DIR, REPO_WHEELS])
     for place in places:
         candidates = [place] if place.is_file() else sorted(place.glob("fusion_bench-*.whl")) if place.is_dir() else []
         for whl in candidates:
@@ -58,8 +60,11 @@ def _source(relpath: str) -> str | None:
     return None
 
 
-def reference(relpath: str, name: str) -> Callable[..., Any]:
-    """FusionBench's function ``name`` from module ``relpath`` (its prints silenced), or a skip."""
+def reference(relpath: str, name: str, *, functions_only: bool = False) -> Callable[..., Any]:
+    """FusionBench's function ``name`` from module ``relpath`` (its prints silenced), or a skip.
+
+    ``functions_only``: keep only the module's imports (not relative ones) and function
+    definitions, for modules whose classes need the rest of FusionBench (RegMean, Fisher)."""
     text = _source(relpath)
     if text is None:
         pytest.skip("FusionBench 0.2.33 not found: run `pip download fusion-bench==0.2.33 --no-deps -d /tmp/fb` "
@@ -67,6 +72,10 @@ def reference(relpath: str, name: str) -> Callable[..., Any]:
     tree = ast.parse(text)
     tree.body = [n for n in tree.body
                  if not (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("fusion_bench"))]
+    if functions_only:
+        tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+                     or (isinstance(n, ast.Import) and not any(a.name.startswith("fusion_bench") for a in n.names))
+                     or (isinstance(n, ast.ImportFrom) and n.level == 0)]
     namespace: dict[str, Any] = {"StateDictType": dict, "timeit_context": contextlib.nullcontext}
     exec(compile(tree, relpath, "exec"), namespace)
     fn = namespace[name]

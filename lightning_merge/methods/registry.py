@@ -2,7 +2,8 @@
 
 Every built-in method module is imported explicitly, so a module that fails to import is an
 ``ImportError``, never a method that silently disappears. ``sens_scaled`` lives with the learned
-merges (its factors come from a Lightning calibration pass) and is imported when first asked for;
+merges (its factors come from a Lightning calibration pass) and is imported when first asked for, as
+are ``regmean`` and ``fisher`` (their statistics come from :mod:`lightning_merge.learned.regmean_collect`);
 if that import fails, asking for it raises :class:`~lightning_merge.errors.ConfigError` with the
 reason. Applications add their own methods with :func:`~lightning_merge.methods.base.register`.
 
@@ -99,7 +100,9 @@ BUILTIN: tuple[type[MergeMethod], ...] = (
     TSVM, IsoC, IsoCTS,
 )
 #: name -> (module, class) imported on first use
-LAZY: dict[str, tuple[str, str]] = {"sens_scaled": ("lightning_merge.learned.sens_callback", "SensScaled")}
+LAZY: dict[str, tuple[str, str]] = {"sens_scaled": ("lightning_merge.learned.sens_callback", "SensScaled"),
+                                    "regmean": ("lightning_merge.learned.regmean_methods", "RegMean"),
+                                    "fisher": ("lightning_merge.learned.regmean_methods", "Fisher")}
 #: every merge_method of mergekit 0.1.5 (those no class here claims are "not supported yet")
 MERGEKIT_0_1_5 = (
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",

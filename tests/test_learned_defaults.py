@@ -124,3 +124,19 @@ def test_recipes_name_real_parameters_and_say_why_they_differ(recipe):
         if default is inspect.Parameter.empty or value == default or key in SETUP:
             continue
         assert "#" in lines[key], f"{recipe}: {key}: {value!r} differs from the default {default!r} without a comment"
+
+
+def test_entropy_objective_trains_on_unlabelled_batches(zoo, tmp_path):
+    """Rows without labels (the data module's ignore index -100) train the entropy objective."""
+    from test_learned_helpers import token_batches
+    from torch.utils.data import DataLoader
+
+    from lightning_merge.lightning.data import IGNORE_INDEX, TensorDictDataset
+
+    data = token_batches().dataset.tensors
+    unlabelled = DataLoader(TensorDictDataset(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
+                                              labels=torch.full_like(data["labels"], IGNORE_INDEX)), batch_size=8)
+    m = LearnedMerge(zoo["base"], [zoo["e0"], zoo["e1"]], granularity="task", objective="entropy", lr=0.05)
+    before = [p.detach().clone() for p in m.coefficients.parameters()]
+    fit(m, tmp_path, loader=unlabelled)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.coefficients.parameters(), strict=True))

@@ -127,6 +127,16 @@ def test_text_classification_files(tmp_path, models):
     assert dm.val_task_names == ["b", "a"]
     with pytest.raises(ConfigError, match="no such file"):
         TextClassificationDataModule(models["clf"], val_files={"a": str(tmp_path / "missing.csv")})
+    # unlabelled files (label_column=None): rows need only their text; labels are the ignore index
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(json.dumps({"text": f"w{i} w{i + 2}"}) for i in range(5)) + "\n")
+    dm = TextClassificationDataModule(models["clf"], train_files={"u": str(raw)}, label_column=None, batch_size=5)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["labels"].tolist() == [-100] * 5 and batch["input_ids"].shape[0] == 5
+    assert dm.label_names == {"u": None} and dm.num_labels == 0
+    with pytest.raises(ConfigError, match=r"no column\(s\) \['label'\].*label_column: null"):
+        TextClassificationDataModule(models["clf"], train_files={"u": str(raw)}).setup("fit")
     with pytest.raises(ConfigError, match="train_task"):
         TextClassificationDataModule(models["clf"], train_files={"a": str(a_train)}, train_task="b")
 

@@ -69,26 +69,59 @@ def save_heads(path: str | os.PathLike, heads: Mapping[str, nn.Linear]) -> None:
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"tasks": ",".join(heads)}))
 
 
-def load_heads(path: str | os.PathLike) -> dict[str, nn.Linear]:
-    """The heads :func:`save_heads` wrote, in their saved order."""
+#: what ``heads`` may be: a file (safetensors from :func:`save_heads`, or a ``.pt`` / ``.pth`` torch file
+#: holding one of the mappings), ``{task: nn.Linear}``, or a state dict ``{"<task>.weight": W, "<task>.bias": b}``
+HeadsSpec = str | os.PathLike | Mapping[str, Any]
+
+
+def load_heads(spec: HeadsSpec) -> dict[str, nn.Linear]:
+    """The task heads from any :data:`HeadsSpec`, in their given (or saved) order."""
+    if isinstance(spec, Mapping):
+        return _heads_from_mapping(spec, "heads")
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"heads file '{path}' does not exist (write it with fit_probe_heads / save_heads)")
+    if path.suffix in (".pt", ".pth", ".bin"):
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"heads file '{path}' holds a {type(loaded).__name__}; save a dict task -> nn.Linear "
+                              "or a state dict {'<task>.weight': ..., '<task>.bias': ...}")
+        return _heads_from_mapping(loaded, f"heads file '{path}'")
     from safetensors import safe_open
 
-    if not Path(path).is_file():
-        raise ConfigError(f"heads file '{path}' does not exist (write it with fit_probe_heads / save_heads)")
     with safe_open(str(path), "pt") as fh:
         tasks = (fh.metadata() or {}).get("tasks", "")
         order = [t for t in tasks.split(",") if t]
-        heads = {}
-        for task in order:
-            w, b = fh.get_tensor(f"{task}.weight"), fh.get_tensor(f"{task}.bias")
-            lin = nn.Linear(w.shape[1], w.shape[0])
-            with torch.no_grad():
-                lin.weight.copy_(w)
-                lin.bias.copy_(b)
-            heads[task] = lin
-    if not heads:
+        state = {k: fh.get_tensor(k) for t in order for k in (f"{t}.weight", f"{t}.bias")}
+    if not order:
         raise ConfigError(f"heads file '{path}' names no tasks in its metadata")
-    return heads
+    return _heads_from_mapping(state, f"heads file '{path}'")
+
+
+def _heads_from_mapping(heads: Mapping[str, Any], where: str) -> dict[str, nn.Linear]:
+    if heads and all(isinstance(v, nn.Linear) for v in heads.values()):
+        return dict(heads)
+    tasks: dict[str, dict[str, Tensor]] = {}
+    for key, value in heads.items():
+        task, _, part = str(key).rpartition(".")
+        if not task or part not in ("weight", "bias") or not isinstance(value, Tensor):
+            raise ConfigError(f"{where}: '{key}' is neither a head (nn.Linear) nor '<task>.weight' / '<task>.bias' "
+                              "tensor")
+        tasks.setdefault(task, {})[part] = value
+    out = {}
+    for task, parts in tasks.items():
+        w = parts.get("weight")
+        if w is None or w.dim() != 2:
+            raise ConfigError(f"{where}: head '{task}' needs a 2-D '{task}.weight' [classes, hidden]")
+        lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in parts)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if "bias" in parts:
+                lin.bias.copy_(parts["bias"])
+        out[task] = lin
+    if not out:
+        raise ConfigError(f"{where}: no heads")
+    return out
 
 
 @torch.no_grad()
@@ -147,8 +180,9 @@ class EncoderClassifier(_HFTaskModule):
 
     Args:
         model: a Hugging Face encoder folder (``AutoModel``).
-        heads: the safetensors file of the task heads (:func:`save_heads`); its task names are the
-            heads' names and must cover the data module's task names.
+        heads: the task heads: the safetensors file of :func:`save_heads`, a ``.pt`` file, a dict
+            task -> ``nn.Linear`` or a state dict (:data:`HeadsSpec`); their task names must cover the
+            data module's task names.
         lr, weight_decay: AdamW over the trainable parameters.
         finetune: ``"full"`` (the encoder, minus ``freeze``), ``"lora"`` (PEFT adapters on
             ``lora_targets``, default ``["query", "value"]``) or ``"head"`` (the heads only).
@@ -161,7 +195,7 @@ class EncoderClassifier(_HFTaskModule):
     def __init__(
         self,
         model: str,
-        heads: str,
+        heads: HeadsSpec,
         *,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -187,7 +221,7 @@ class EncoderClassifier(_HFTaskModule):
         hidden = getattr(self.model.config, "hidden_size", None)
         for task, lin in self.heads.items():
             if hidden is not None and lin.in_features != hidden:
-                raise ConfigError(f"EncoderClassifier: head '{task}' in '{heads}' takes {lin.in_features} inputs, the "
+                raise ConfigError(f"EncoderClassifier: head '{task}' takes {lin.in_features} inputs, the "
                                   f"encoder '{model}' has hidden size {hidden}")
         self.freeze = list(freeze) if freeze is not None else ["embeddings.word_embeddings"]
         self.train_heads = bool(train_heads)

@@ -23,8 +23,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..errors import ConfigError
 
-__all__ = ["SyntheticTokensDataModule", "TensorDictDataset", "TextClassificationDataModule", "read_rows",
-           "synthetic_tokens", "task_band"]
+__all__ = ["IGNORE_INDEX", "SyntheticTokensDataModule", "TensorDictDataset", "TextClassificationDataModule",
+           "read_rows", "synthetic_tokens", "task_band"]
+
+#: the label of an unlabelled row (PyTorch's and Hugging Face's ignore index)
+IGNORE_INDEX = -100
 
 
 class TensorDictDataset(Dataset):
@@ -225,7 +228,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
         tokenizer: a Hugging Face tokenizer folder (``AutoTokenizer.from_pretrained``).
         train_files, val_files, test_files: ``{task: path}``; validation and test have one
             dataloader per task, in the dict's order.
-        text_column, label_column: column (key) names in the files.
+        text_column, label_column: column (key) names in the files. ``label_column=None``: unlabelled
+            files (batches carry ``labels`` = -100, the ignore index), for objectives that use no labels
+            (LearnedMerge's ``entropy``, calibration passes).
         max_length: truncation length in tokens; batches are padded to their longest row.
         batch_size, num_workers: of every dataloader.
         limit: read at most this many rows of each file (quick runs).
@@ -244,7 +249,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         val_files: dict[str, str] | None = None,
         test_files: dict[str, str] | None = None,
         text_column: str = "text",
-        label_column: str = "label",
+        label_column: str | None = "label",
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -299,10 +304,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
         path = self.files[split][task]
         rows = read_rows(path, self.limit)
         for i, row in enumerate(rows):
-            missing = [c for c in (self.text_column, self.label_column) if c not in row]
+            missing = [c for c in (self.text_column, self.label_column) if c is not None and c not in row]
             if missing:
                 raise ConfigError(f"{path}: row {i + 1} has no column(s) {missing} (it has {sorted(row)}); set "
-                                  "text_column / label_column")
+                                  "text_column / label_column (label_column: null for unlabelled data)")
         return rows
 
     def _label_map(self, task: str, raw: Mapping[str, list[dict[str, Any]]]) -> dict[Any, int] | None:
@@ -331,14 +336,20 @@ class TextClassificationDataModule(pl.LightningDataModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         for task_index, task in enumerate(self.task_names):
             raw = {split: self._raw(split, task) for split in self.files if task in self.files[split]}
-            mapping = self._label_map(task, raw)
+            labelled = self.label_column is not None
+            mapping = self._label_map(task, raw) if labelled else None
+            if not labelled:
+                self.label_names[task] = None
             for split, rows in raw.items():
                 texts = [str(r[self.text_column]) for r in rows]
                 enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-                labels = [str(r[self.label_column]).strip() for r in rows]
-                labels = [mapping[v] if mapping is not None else int(v) for v in labels]
+                if labelled:
+                    labels = [str(r[self.label_column]).strip() for r in rows]
+                    labels = [mapping[v] if mapping is not None else int(v) for v in labels]
+                else:
+                    labels = [IGNORE_INDEX] * len(rows)
                 self.num_labels_per_task[task] = max([self.num_labels_per_task.get(task, 0)]
-                                                     + [y + 1 for y in labels])
+                                                     + [y + 1 for y in labels if y >= 0])
                 rows = [{"input_ids": ids, "attention_mask": am, "labels": y, "task": task_index}
                         for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
                 if split != "train":  # evaluation order does not matter: group similar lengths, pad less

@@ -278,12 +278,26 @@ def test_sigterm_and_sighup_clean_up_like_sigint(work, signame):
     mp = pytest.MonkeyPatch()
     mp.setattr(shards, "open", lambda p, mode="r", *a, **k: Signalling(real_open(p, mode, *a, **k), 0, 0),
                raising=False)
+    inherited = signal.signal(sig, signal.SIG_DFL)  # e.g. SIG_IGN under nohup: the command respects that
     try:
         assert main(["merge", str(work / "cfg.yml"), str(out)]) == 128 + sig
+        assert leftovers(work, "merged") == [] and not out.exists()
+        assert signal.getsignal(sig) == signal.SIG_DFL
     finally:
         mp.undo()
-    assert leftovers(work, "merged") == [] and not out.exists()
-    assert signal.getsignal(sig) == signal.SIG_DFL
+        signal.signal(sig, inherited)
+
+
+def test_an_ignored_sighup_stays_ignored(work):
+    """Under ``nohup`` (SIGHUP ignored) the command leaves the disposition alone and merges."""
+    import signal
+
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main(["merge", str(work / "cfg.yml"), str(work / "merged")]) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
 
 
 # ----------------------------------------------------------------------------- saying what happens

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from svd_helpers import reference
-from test_learned_helpers import make_zoo, trainer_kwargs
+from test_learned_helpers import DumpModel, make_zoo, trainer_kwargs
 from test_learned_sens import LitClassifier, sens_data
 from torch import nn
 from torch.func import functional_call
@@ -149,17 +149,6 @@ def test_callback_collects_then_merges_and_saved_statistics_reproduce_it(zoo, tm
     assert all(torch.equal(got[k], v) for k, v in offline.items() if k in got)
     avg = merge_models(zoo["base"], full_experts(zoo), get_method("linear"))
     assert not torch.allclose(got[q], avg[q], atol=1e-5)
-
-
-class DumpModel(pl.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in pl_module.model.state_dict().items()},
-                  f"{self.out}/model{trainer.global_rank}.safetensors")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -40,3 +41,17 @@ def trainer_kwargs(tmp_path: Path, **kw) -> dict:
                 default_root_dir=str(tmp_path), deterministic=True)
     args.update(kw)
     return args
+
+
+class DumpModel(pl.Callback):
+    """Saves each rank's merged module state after validation (``<out>/model<rank>.safetensors``):
+    what the DDP-equals-one-process tests compare."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in pl_module.model.state_dict().items()},
+                  f"{self.out}/model{trainer.global_rank}.safetensors")

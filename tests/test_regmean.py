@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from svd_helpers import reference
-from test_learned_helpers import make_zoo, trainer_kwargs
+from test_learned_helpers import DumpModel, make_zoo, trainer_kwargs
 from test_learned_sens import LitClassifier, sens_data
 from torch import nn
 from torch.func import functional_call
@@ -267,17 +267,6 @@ def test_callback_configuration_errors(zoo, tmp_path):
         RegMeanMergeCallback(full_experts(zoo), alpha=-0.1)
 
 
-class DumpStatsAndModel(pl.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in pl_module.model.state_dict().items()},
-                  f"{self.out}/model{trainer.global_rank}.safetensors")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("plus_plus", [False, True])
 def test_ddp_two_processes_equal_one(zoo, tmp_path, plus_plus):
@@ -288,7 +277,7 @@ def test_ddp_two_processes_equal_one(zoo, tmp_path, plus_plus):
         cb = RegMeanMergeCallback(full_experts(zoo), alpha=0.9, plus_plus=plus_plus, calibration_batches=2,
                                   expert_tasks=["x", "y"], statistics_out=str(d / "stats.safetensors"),
                                   target="model")
-        pl.Trainer(**trainer_kwargs(d, callbacks=[cb, DumpStatsAndModel(str(d))], limit_val_batches=1, **kw)
+        pl.Trainer(**trainer_kwargs(d, callbacks=[cb, DumpModel(str(d))], limit_val_batches=1, **kw)
                    ).validate(LitClassifier(), datamodule=sens_data())
 
     run(tmp_path / "one")

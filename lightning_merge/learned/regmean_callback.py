@@ -30,7 +30,7 @@ from .bank import ExpertBank
 from .regmean import MergeStatistics
 from .regmean_collect import collect_fishers, collect_grams
 from .regmean_methods import Fisher, RegMean
-from .sens_callback import _calibration_loaders
+from .sens_callback import expert_task_loaders
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ class _StatisticsMergeCallback(MergeCallback):
 
     def _collect(self, trainer: pl.Trainer, target: nn.Module, plan: MergePlan) -> MergeStatistics:
         who = type(self).__name__
-        loaders = _calibration_loaders(getattr(trainer, "datamodule", None), who)
-        n = len(plan.experts)
-        tasks = self.collect["expert_tasks"] or list(loaders)[:n]
-        if len(tasks) < n:
-            raise ConfigError(f"{who}: {n} experts but the data module has only the tasks {list(loaders)}; "
-                              "set expert_tasks")
+        loaders, tasks = expert_task_loaders(trainer, len(plan.experts), self.collect["expert_tasks"], who)
         device = next(iter(target.parameters())).device
         deltas = build_plan(plan.base, plan.experts, None, space="delta", vocab_policy=self.vocab_policy)
         bank = ExpertBank(target, deltas, adopt=False).to(device)

@@ -108,6 +108,19 @@ class SensScaled(MergeMethod):
         return self._inner.combine_statistics(parts, pass_index)
 
 
+def expert_task_loaders(trainer: pl.Trainer, n_experts: int, expert_tasks: list[str] | None,
+                        who: str) -> tuple[dict[str, Any], list[str]]:
+    """The run's per-task calibration loaders and each expert's task (``expert_tasks``, else the data
+    module's first ``n_experts`` tasks, in order); the calibration passes of Sens-Merging, RegMean and
+    Fisher merging all start here."""
+    loaders = _calibration_loaders(getattr(trainer, "datamodule", None), who)
+    tasks = expert_tasks or list(loaders)[:n_experts]
+    if len(tasks) < n_experts:
+        raise ConfigError(f"{who}: {n_experts} experts but the data module has only the tasks {list(loaders)}; "
+                          "set expert_tasks")
+    return loaders, tasks
+
+
 def _calibration_loaders(dm: Any, who: str) -> dict[str, Any]:
     """Per-task calibration batches from the run's data module."""
     if dm is None:
@@ -194,12 +207,7 @@ class SensMergeCallback(MergeCallback):
 
     def _calibrate(self, trainer: pl.Trainer, target: nn.Module, plan: MergePlan) -> SensFactors:
         who = type(self).__name__
-        loaders = _calibration_loaders(getattr(trainer, "datamodule", None), who)
-        n = len(plan.experts)
-        tasks = self.sens["expert_tasks"] or list(loaders)[:n]
-        if len(tasks) < n:
-            raise ConfigError(f"{who}: {n} experts but the data module has only the tasks {list(loaders)}; "
-                              "set expert_tasks")
+        loaders, tasks = expert_task_loaders(trainer, len(plan.experts), self.sens["expert_tasks"], who)
         device = next(iter(target.parameters())).device
         bank = ExpertBank(target, plan, adopt=False).to(device)  # a sharded target: this rank's rows
         runner: Any

@@ -29,7 +29,8 @@ def zoo(tmp_path_factory) -> dict[str, str]:
     return make_zoo(tmp_path_factory.mktemp("sharded_zoo"))
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# 3 ranks (uneven shards) is the heavier case: `make test-all` runs it
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_every_method_into_shards_equals_one_process(zoo, tmp_path, world):
     mp.spawn(parity_worker, args=(world, free_port(), zoo, METHODS, str(tmp_path)), nprocs=world, join=True)
     base = load_file(zoo["base"])

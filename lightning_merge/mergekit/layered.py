@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from ..errors import ConfigError
 from ..naming import is_pre_layer, layer_of
 from .recipe import MergeRecipe
 from .refs import PathResolver
+from .slices import LAYER_COUNT_FIELDS, model_path
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +187,17 @@ class LayeredRecipe:
 
     def merge(self, out: Any, *, device: str | torch.device = "cpu", seed: int | None = None,
               out_dtype: torch.dtype | str | None = None, overwrite: bool = False, progress: bool | None = None,
-              out_format: str | None = None, max_shard_bytes: int = 2 * 1024**3, **kwargs: Any) -> Path:
-        """Write the layered model to ``out`` (an HF folder, or one ``.safetensors`` file)."""
+              out_format: str | None = None, max_shard_bytes: int = 2 * 1024**3, adapter_rank: int = 16,
+              **kwargs: Any) -> Path:
+        """Write the layered model to ``out`` (an HF folder, or one ``.safetensors`` file).
+        ``adapter_rank`` is accepted (the CLI passes it) and unused: a PEFT output is refused."""
         from .. import preflight
         from ..api import parse_dtype
         from ..engine import build_plan, run_plan
         from ..sources.base import RenamedSource
         from ..sources.resolve import open_source
 
-        unknown = sorted(k for k, v in kwargs.items() if v not in (None, 16))  # adapter_rank's default
-        if out_format == "peft" or unknown:
+        if out_format == "peft" or kwargs:
             raise ConfigError("slices: a layer-range merge writes a full model (an HF folder or a .safetensors "
                               "file); a PEFT adapter output is not supported for it")
         if not isinstance(out, (str, os.PathLike)):
@@ -246,7 +249,7 @@ class LayeredRecipe:
                                         out_dtype=out_dtype, tensor_params=tp))
                 layer_src.extend((r.base, part.start_of(r.base) + i) for i in range(part.n_layers))
             layout = [(t.name, t.shape, t.out_dtype) for plan in plans for t in plan.tasks]
-            dup = [n for n, c in _counts(name for name, _, _ in layout).items() if c > 1]
+            dup = [n for n, c in Counter(name for name, _, _ in layout).items() if c > 1]
             if dup:  # cannot happen by construction; a guard against silently overwritten tensors
                 raise ConfigError(f"slices: tensor '{dup[0]}' would be written by two slices")
             stream: Iterator[tuple[str, torch.Tensor]] = itertools.chain.from_iterable(
@@ -270,8 +273,6 @@ class LayeredRecipe:
     def _config_updates(self, layer_src: list[tuple[str, int]]) -> dict[str, Any]:
         cfg = _config(self.donor)
         updates: dict[str, Any] = {}
-        from .slices import LAYER_COUNT_FIELDS
-
         for key in LAYER_COUNT_FIELDS:
             if isinstance(cfg.get(key), int):
                 updates[key] = len(layer_src)
@@ -286,13 +287,6 @@ class LayeredRecipe:
                     rebuilt.append(theirs[i] if isinstance(theirs, list) and i < len(theirs) else value[0])
                 updates[key] = rebuilt
         return updates
-
-
-def _counts(names: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in names:
-        out[n] = out.get(n, 0) + 1
-    return out
 
 
 def check_slice_models(index: int, paths: Sequence[str]) -> None:
@@ -333,7 +327,8 @@ def build_layered(cfg: Mapping[str, Any], resolve: PathResolver, parse_models: C
             if not isinstance(sl["parameters"], Mapping):
                 raise ConfigError(f"slices[{k}].parameters: expected a mapping of parameter -> value")
             sub["parameters"] = {**(cfg.get("parameters") or {}), **sl["parameters"]}
-        in_slice = base is not None and any(PathResolver.same(resolve(_path(base)), p) for p, _, _, _ in srcs)
+        base_path = model_path(base) or "" if base is not None else ""
+        in_slice = base is not None and any(PathResolver.same(resolve(base_path), p) for p, _, _, _ in srcs)
         if in_slice:
             sub["base_model"] = base
         try:
@@ -341,7 +336,7 @@ def build_layered(cfg: Mapping[str, Any], resolve: PathResolver, parse_models: C
         except ConfigError as e:
             hint = ""
             if base is not None and not in_slice and "base_model" in str(e):
-                hint = (f" (slices[{k}]: base_model '{_path(base)}' is not one of this slice's sources; add it "
+                hint = (f" (slices[{k}]: base_model '{base_path}' is not one of this slice's sources; add it "
                         "as a source with the same layer_range)")
             raise ConfigError(f"slices[{k}]: {e}{hint}") from None
         tok = recipe.tokenizer
@@ -353,13 +348,6 @@ def build_layered(cfg: Mapping[str, Any], resolve: PathResolver, parse_models: C
         parts.append(SlicePart(k, recipe, {p: start for p, _, start, _ in srcs}, out_start, n,
                                pre=k == 0, post=k == len(slices) - 1))
         out_start += n
-    donor = resolve(_path(base_written)) if base_written is not None else parts[0].recipe.base
+    donor = resolve(model_path(base_written) or "") if base_written is not None else parts[0].recipe.base
     return LayeredRecipe(parts, parts[0].recipe.merge_method, donor, parts[0].recipe.out_dtype,
                          parts[0].recipe.seed, [n for p in parts for n in p.recipe.notes], source)
-
-
-def _path(model: Any) -> str:
-    if isinstance(model, Mapping):
-        return str(model.get("model"))
-    s = str(model)
-    return s.split("+")[0] if "+" in s and not os.path.exists(s) else s

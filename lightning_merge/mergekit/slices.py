@@ -34,7 +34,7 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAYER_COUNT_FIELDS", "layer_count", "parse_slices", "slices_as_models"]
+__all__ = ["LAYER_COUNT_FIELDS", "layer_count", "model_path", "parse_slices", "slices_as_models"]
 
 #: config.json fields that give a model's number of layers, in order of preference
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -56,7 +56,8 @@ def layer_count(path: str) -> int | None:
     return None
 
 
-def _model_path(model: Any) -> str | None:
+def model_path(model: Any) -> str | None:
+    """The model path of a mergekit model reference (``path``, ``path+adapter``, ``{model: path}``)."""
     if isinstance(model, str):
         return model.split("+")[0] if "+" in model and not os.path.exists(model) else model
     if isinstance(model, Mapping) and isinstance(model.get("model"), str):
@@ -97,7 +98,7 @@ def _check_slices(cfg: Mapping[str, Any], resolve: Callable[[str], str]) -> Slic
             if (not isinstance(rng, (list, tuple)) or len(rng) != 2
                     or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng)):
                 raise ConfigError(f"{key}.layer_range: expected [start, end] (two integers), got {rng!r}")
-            path = _model_path(src["model"])
+            path = model_path(src["model"])
             resolved = resolve(path) if path else ""
             n = layer_count(resolved) if path else None
             if n is None:
@@ -149,7 +150,7 @@ def slices_as_models(cfg: Mapping[str, Any], resolve: Callable[[str], str]) -> d
             raise ConfigError("slices[0].parameters: expected a mapping of parameter -> value")
         out["parameters"] = {**(cfg.get("parameters") or {}), **sl["parameters"]}
     base = out.get("base_model")
-    if base is not None and not any(_same(resolve(_model_path(base) or ""), p) for p, _, _, _ in ranges[0]):
+    if base is not None and not any(_same(resolve(model_path(base) or ""), p) for p, _, _, _ in ranges[0]):
         from .params import MERGEKIT_METHODS
 
         spec = MERGEKIT_METHODS.get(str(cfg.get("merge_method", "")).strip().lower().replace("-", "_"))

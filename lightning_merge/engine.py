@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError, IncompatibleTensorError
 from .methods.base import MergeMethod, TensorInputs, check_weights
+from .methods.kernels import all_finite
 from .naming import is_vocab_tensor, tensor_groups, tied_head_alias
 from .sources.base import Source, align
 from .spaces import Space
@@ -292,7 +293,7 @@ def _warn_missing(base: Source, experts: Sequence[Source], tasks: Sequence[Tenso
 # ------------------------------------------------------------------------------------------ reading
 
 def _checked(t: Tensor, src: Source, name: str, check: bool) -> Tensor:
-    if check and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    if check and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise IncompatibleTensorError(
             f"{src.label}: tensor '{name}' contains {bad} NaN/Inf values; fix or drop that checkpoint"
@@ -314,6 +315,7 @@ def method_for(plan: MergePlan, name: str) -> tuple[MergeMethod, list[float]]:
 Reader = Callable[[Source, str], Tensor]
 
 
+@torch.no_grad()  # a merge is never differentiated; sources may hand out parameters that require grad
 def load_inputs(plan: MergePlan, task: TensorTask, read: Reader | None = None) -> TensorInputs:
     """Read one tensor from the base and every expert that has it, in the plan's space.
 
@@ -369,6 +371,7 @@ Gather = Callable[[Any], list[Any]]
 PREFETCH_MAX_OVERLAP = 8 * 1024 * 1024
 
 
+@torch.no_grad()
 def compute_statistics(plan: MergePlan, names: Sequence[str] | None = None, gather: Gather | None = None) -> Any:
     """Run the method's statistics passes over ``names`` (default all) and store them in the plan.
 
@@ -390,6 +393,7 @@ def compute_statistics(plan: MergePlan, names: Sequence[str] | None = None, gath
     return stats
 
 
+@torch.no_grad()
 def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = None, *,
                delta: bool = False) -> Tensor:
     """Merge (or copy) one tensor; returns it on CPU in the output dtype (``delta``: the merged
@@ -400,7 +404,7 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: TensorInputs | None = 
         inputs = load_inputs(plan, task)
     method, _ = method_for(plan, task.name)
     out = method.merge_delta(inputs) if delta else method.merge(inputs)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise IncompatibleTensorError(
             f"merged tensor '{task.name}' is not finite with method {method.describe()}; "
             "check the hyperparameters (e.g. a zero weight sum)"

@@ -152,7 +152,7 @@ def test_apply_other_rescales(tau_inputs):
 
 
 def test_della_merge_is_the_composition(tau_inputs):
-    """Della.merge = MagPrune with inputs.generator(i), elect, disjoint mean, λ."""
+    """Della.merge = MagPrune with inputs.stream(i), elect, disjoint mean, λ."""
     base, taus = tau_inputs
 
     def fresh(seed: int) -> TensorInputs:  # a method owns (and may overwrite) its input tensors
@@ -164,7 +164,7 @@ def test_della_merge_is_the_composition(tau_inputs):
     dropped = []
     for i, tau in enumerate(taus):
         q = magprune_keep_prob(tau, 0.5, 0.2)
-        dropped.append(magprune_apply(tau, bernoulli_keep(q, tau, inputs.generator(i)), q))
+        dropped.append(magprune_apply(tau, bernoulli_keep(q, tau, inputs.stream(i)), q))
     x = torch.stack(dropped)
     expected = base + 1.1 * elect_and_fuse(x, inputs.weights)
     torch.testing.assert_close(got, expected)
@@ -180,7 +180,7 @@ def test_della_linear_is_weighted_sum(tau_inputs):
         return TensorInputs("w", base, [t.clone() for t in taus], [0, 1, 2], w, seed=5)
 
     inputs = fresh()
-    dropped = [magprune(t, 0.6, 0.2, inputs.generator(i)) for i, t in enumerate(taus)]
+    dropped = [magprune(t, 0.6, 0.2, inputs.stream(i)) for i, t in enumerate(taus)]
     got = DellaLinear(density=0.6, epsilon=0.2, lambda_=0.5).merge(inputs)
     torch.testing.assert_close(got, base + 0.5 * sum(wi * d for wi, d in zip(w, dropped, strict=True)))
     got_n = DellaLinear(density=0.6, epsilon=0.2, normalize=True).merge(fresh())

@@ -401,7 +401,7 @@ class AdaptiveRMS(DeltaMethod):
             elif self.drop_mode == "magnitude":
                 masks.append(topk_mask(d, 1.0 - p))
             else:
-                masks.append(bernoulli_keep(1.0 - p, d, inputs.generator(i)))
+                masks.append(bernoulli_keep(1.0 - p, d, inputs.stream(i)))
         return masks
 
     def combine(self, inputs: TensorInputs) -> Tensor:

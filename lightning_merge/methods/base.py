@@ -32,6 +32,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..spaces import Space
 from .kernels import generator_for
+from .rng import RandomStream, stream_for
 from .yaml_spec import Contract, MergekitSpec
 
 PerExpert = float | list[float]
@@ -77,6 +78,11 @@ class TensorInputs:
     def generator(self, i: int) -> torch.Generator:
         """The generator of entry ``i`` (expert ``experts[i]``) for this tensor."""
         return generator_for(self.seed, self.name, self.experts[i], self.device)
+
+    def stream(self, i: int) -> RandomStream:
+        """The random stream of entry ``i`` (expert ``experts[i]``) for this tensor (the masks of
+        DARE, DELLA and adaptive-RMS: :mod:`~lightning_merge.methods.rng`)."""
+        return stream_for(self.seed, self.name, self.experts[i], self.device)
 
     def single_input(self, method: str) -> Tensor | None:
         """The result when there is nothing to combine (weight-space methods that interpolate the

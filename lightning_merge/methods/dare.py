@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
 from .kernels import (
+    Finish,
     RescaleMode,
     ZeroSign,
     bernoulli_keep,
@@ -61,6 +62,31 @@ def dare_drop(
     return rescale_to_norm(kept, original, rescale)
 
 
+def dare_mask(delta: Tensor, density: float, gen, rescale: RescaleMode = "inverse_prob") -> Finish:
+    """:func:`dare_drop` in two parts: the mask is applied to ``delta`` in place now, and the
+    returned ``finish(block, start)`` applies the rescale to any flat block of it later (the same operations, so
+    ``finish(delta)`` equals ``dare_drop(delta, ...)`` exactly)."""
+    if density >= 1.0:
+        return _same
+    if density <= 0.0:
+        delta.zero_()
+        return _same
+    keep = bernoulli_keep(density, delta, gen)
+    if rescale in ("inverse_prob", "none"):
+        delta.mul_(keep)
+        return (lambda b, a: b.div_(density)) if rescale == "inverse_prob" else _same
+    original = norm_of(delta, rescale)
+    n_kept = norm_of(delta.mul_(keep), rescale)
+    if original < 1e-7 or n_kept < 1e-7:
+        return _same
+    factor = original / n_kept
+    return lambda b, a: b.mul_(factor)
+
+
+def _same(block: Tensor, start: int) -> Tensor:
+    return block
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Dare(DeltaMethod):
     per_expert_params = ("density",)
@@ -75,7 +101,7 @@ class _Dare(DeltaMethod):
 
     def dropped(self, inputs: TensorInputs) -> list[Tensor]:
         return [
-            dare_drop(d, inputs.per_expert(self.density, i), inputs.generator(i), self.rescale, inplace=True)
+            dare_drop(d, inputs.per_expert(self.density, i), inputs.stream(i), self.rescale, inplace=True)
             for i, d in enumerate(inputs.tensors)
         ]
 
@@ -120,14 +146,17 @@ class DareTies(_Dare):
         check_choice(self.name, "zero_sign", self.zero_sign, ("positive", "majority"))
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        dropped = self.dropped(inputs)
+        fuse = {"normalize": self.normalize, "zero_sign": self.zero_sign, "consume": True}
         if self.extra_trim_density is not None:
-            dropped = [d.mul_(topk_mask(d, self.extra_trim_density)) for d in dropped]
-        return elect_and_fuse(dropped, inputs.weights, normalize=self.normalize, zero_sign=self.zero_sign,
-                              consume=True)
+            dropped = [d.mul_(topk_mask(d, self.extra_trim_density)) for d in self.dropped(inputs)]
+            return elect_and_fuse(dropped, inputs.weights, **fuse)
+        # the drop's masks in place now; its rescale block by block inside the fused loop
+        finish = [dare_mask(d, inputs.per_expert(self.density, i), inputs.stream(i), self.rescale)
+                  for i, d in enumerate(inputs.tensors)]
+        return elect_and_fuse(inputs.tensors, inputs.weights, prepare=lambda t, b, a: finish[t](b, a), **fuse)
 
 
-__all__ = ["DareLinear", "DareTies", "dare_drop"]
+__all__ = ["DareLinear", "DareTies", "dare_drop", "dare_mask"]
 
 
 def _from_mergekit(name, s, pm):

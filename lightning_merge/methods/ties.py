@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import DeltaMethod, PerExpert, TensorInputs, check_choice, check_range, explain
-from .kernels import ZeroSign, abs_bits, elect_and_fuse, threshold_mask, top_bucket, topk_mask
+from .kernels import ZeroSign, abs_bits, elect_and_fuse, threshold_mask, top_bucket, topk_mask, topk_thresholds
 from .yaml_spec import Contract, MergekitSpec, collapse, gta_params
 
 TrimRule = Literal["exact_k", "official"]
@@ -85,10 +85,18 @@ class Ties(DeltaMethod):
         return out
 
     def combine(self, inputs: TensorInputs) -> Tensor:
-        return elect_and_fuse(
-            self.trim(inputs), inputs.weights, election=self.election, divisor=self.divisor,
-            normalize=self.normalize, zero_sign=self.zero_sign, consume=True,
-        )
+        fuse = {"election": self.election, "divisor": self.divisor, "normalize": self.normalize,
+                "zero_sign": self.zero_sign, "consume": True}
+        if self.trim_scope == "global" or self.trim_rule == "official":
+            return elect_and_fuse(self.trim(inputs), inputs.weights, **fuse)
+        # the exact-k trim as thresholds, applied block by block inside the fused loop
+        dens = [inputs.per_expert(self.density, i) for i in range(len(inputs.tensors))]
+        thr = topk_thresholds(inputs.tensors, dens)
+
+        def trim_block(t: int, block: Tensor, start: int) -> Tensor:
+            return block if thr[t] is None else block.mul_(block.abs() >= thr[t])
+
+        return elect_and_fuse(inputs.tensors, inputs.weights, prepare=trim_block, **fuse)
 
     # ---- global trim: exact k-th largest |δ| per expert over the whole model, in two passes
     def _density_of(self, expert: int) -> float:

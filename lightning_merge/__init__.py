@@ -29,7 +29,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
 
 
-__all__ = sorted(METHOD_CLASSES) + sorted(
-    ["ConfigError", "IncompatibleTensorError", "MergeError", "MergeMethod", "SourceError", "get_method",
-     "merge_models", "method_names", *_LAZY_NAMES]
-)
+__all__ = sorted(METHOD_CLASSES) + [
+    "ConfigError", "IncompatibleTensorError", "MergeError", "MergeMethod", "SourceError", "get_method",
+    "merge_models", "method_names",
+] + sorted(_LAZY_NAMES)

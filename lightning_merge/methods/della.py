@@ -59,10 +59,12 @@ from .kernels import (
     abs_bits,
     bernoulli_keep,
     elect_and_fuse,
+    mask_then_match_norm,
     norm_of,
     norm_rescale,
     rescale_to_norm,
     sort_rows,
+    unchanged,
     weighted_mean,
     weighted_sum,
 )
@@ -205,10 +207,10 @@ def magprune_mask(
     returned ``finish(block, start)`` applies the rescale to a flat block of it later (the same
     operations as :func:`magprune` with ``inplace=True``, so the values are identical)."""
     if density >= 1.0:
-        return _same
+        return unchanged
     if density <= 0.0:
         delta.zero_()
-        return _same
+        return unchanged
     q = magprune_keep_prob(delta, density, epsilon, rank_scope, prob_formula)
     keep = bernoulli_keep(q, delta, gen)
     if rescale == "inverse_prob":
@@ -221,18 +223,9 @@ def magprune_mask(
         return finish
     if rescale == "none":
         delta.mul_(keep)
-        return _same
+        return unchanged
     del q
-    original = norm_of(delta, rescale)
-    n_kept = norm_of(delta.mul_(keep), rescale)
-    if original < 1e-7 or n_kept < 1e-7:
-        return _same
-    factor = original / n_kept
-    return lambda b, a: b.mul_(factor)
-
-
-def _same(block: Tensor, start: int) -> Tensor:
-    return block
+    return mask_then_match_norm(delta, keep, rescale)
 
 
 def check_window(method: str, density: PerExpert, epsilon: PerExpert) -> None:

@@ -222,6 +222,23 @@ def rescale_to_norm(kept: Tensor, target: float, mode: RescaleMode) -> Tensor:
     return kept.mul_(target / n_kept)
 
 
+def unchanged(block: Tensor, start: int) -> Tensor:
+    """The :data:`Finish` of a sparsifier with nothing left to do."""
+    return block
+
+
+def mask_then_match_norm(delta: Tensor, keep: Tensor, mode: RescaleMode) -> Finish:
+    """Apply ``keep`` to ``delta`` in place now and return the :data:`Finish` that scales any block
+    so the kept tensor's ``mode`` norm matches the original's (the same guard as
+    :func:`rescale_to_norm`: either norm below 1e-7 leaves it as it is)."""
+    original = norm_of(delta, mode)
+    n_kept = norm_of(delta.mul_(keep), mode)
+    if original < 1e-7 or n_kept < 1e-7:
+        return unchanged
+    factor = original / n_kept
+    return lambda b, a: b.mul_(factor)
+
+
 def bernoulli_keep(keep_prob: Tensor | float, like: Tensor, gen: RandomStream | torch.Generator) -> Tensor:
     """A boolean keep mask with P(keep_i) = keep_prob_i.
 
